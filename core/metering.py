@@ -1,0 +1,116 @@
+"""Metering one usage event: dedupe, price, add to the monthly totals (SPEC §2-§4).
+
+:class:`Meter` is the whole business rule of the hot path, kept free of Faust so it can be
+tested with plain dicts. The adapter hands it two mutable mappings (Faust tables in the worker)
+and the source offset of the event; Meter decides and writes, the adapter sends what the
+returned :class:`Outcome` says.
+
+At-least-once contract (FAUST_NOTES): Kafka may deliver an event again after a crash, and a
+crash may have persisted some of its table writes and not others. Meter tells three cases
+apart by the ``seen`` record of ``(org_id, event_id)``:
+
+* no record: the event is new — price it, record the price with its offset, apply it;
+* a record with the *same* offset: the same message delivered again — reuse the recorded price
+  (never re-price: the table may have changed across the restart), apply it to every total that
+  has not seen this offset, and write every value back so a changelog that lost a write is
+  repaired; the adapter re-sends the outputs (their ids are deterministic, so repeats are
+  harmless);
+* a record with *another* offset: a genuine duplicate — counted once, nothing is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+import orjson
+
+from core.periods import month_of
+from core.pricing import PriceTable
+from core.totals import apply_event, org_key, tier_key, user_key
+from core.usage import Price, PricedEvent, UsageEvent
+from core.validation import check_cost
+
+
+class Status(StrEnum):
+    APPLIED = "APPLIED"
+    REDELIVERED = "REDELIVERED"
+    DUPLICATE = "DUPLICATE"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one event. ``priced`` is None only for a duplicate."""
+
+    status: Status
+    priced: PricedEvent | None
+    period: str
+
+
+def seen_key(org_id: str, event_id: str) -> str:
+    """Dedupe-table key of an event's identity (SPEC §3: ``(org_id, event_id)``)."""
+    return orjson.dumps([org_id, event_id]).decode()
+
+
+class Meter:
+    """Applies validated usage events to a dedupe table and the monthly totals table.
+
+    ``seen`` maps :func:`seen_key` to ``[offset, occurred_at_ms, model_family,
+    pricing_version, long_context, cost_nano]``; ``totals`` maps the keys of
+    :mod:`core.totals` to total lists. Both are written only from :meth:`process`.
+    """
+
+    def __init__(
+        self,
+        prices: PriceTable,
+        seen: MutableMapping[str, list],
+        totals: MutableMapping[str, list],
+    ) -> None:
+        self.prices = prices
+        self.seen = seen
+        self.totals = totals
+
+    def process(self, event: UsageEvent, offset: int) -> Outcome:
+        """Meter ``event`` found at ``offset`` of its organisation's partition.
+
+        Raises :class:`core.errors.RejectedEvent` (unknown model, no price, cost out of range)
+        before writing anything; such an event is not recorded as seen, so a corrected copy
+        with the same id can still be metered.
+        """
+        period = month_of(event.occurred_at_ms)
+        key = seen_key(event.org_id, event.event_id)
+        record = self.seen.get(key)
+        if record is not None and record[0] != offset:
+            return Outcome(Status.DUPLICATE, None, period)
+        if record is None:
+            price = self.prices.price(event.model, event.usage, event.occurred_at_ms)
+            check_cost(price.cost_nano)
+            status = Status.APPLIED
+            self.seen[key] = [
+                offset,
+                event.occurred_at_ms,
+                price.model_family,
+                price.pricing_version,
+                int(price.long_context),
+                price.cost_nano,
+            ]
+        else:
+            price = Price(record[2], record[3], bool(record[4]), record[5])
+            status = Status.REDELIVERED
+            self.seen[key] = record
+        priced = PricedEvent(event, price)
+        org = event.org_id
+        for total_key in (
+            org_key(org, period),
+            tier_key(org, period, event.seat_tier.value),
+            user_key(org, period, event.user_id),
+        ):
+            current = self.totals.get(total_key)
+            updated = apply_event(current, priced, offset)
+            if updated is None:
+                status = Status.REDELIVERED
+                self.totals[total_key] = current  # type: ignore[assignment]  # repair write
+            else:
+                self.totals[total_key] = updated
+        return Outcome(status, priced, period)
