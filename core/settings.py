@@ -46,9 +46,7 @@ class Settings(BaseSettings):
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_bind: str = "127.0.0.1"
 
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
@@ -63,7 +61,7 @@ class Settings(BaseSettings):
     """Whether ``metering worker`` runs the ClickHouse sink in-process (``--no-sink``)."""
 
     kafka_cache: Path | None = None
-    """Where the Kafka jars are cached for ``metering kafka start`` [~/.cache/metering]."""
+    """Where ``metering kafka start`` caches the Kafka jars [~/.cache/metering/kafka-4.1.1]."""
 
     @field_validator("app_id")
     @classmethod

@@ -50,8 +50,11 @@ def test_new_event_is_priced_and_counted_in_all_three_totals() -> None:
     assert outcome.status is Status.APPLIED
     assert outcome.priced is not None and outcome.priced.price.cost_nano == HAIKU_COST
     assert outcome.period == "2026-11"
-    for key in (org_key("org-a", "2026-11"), tier_key("org-a", "2026-11", "STANDARD"),
-                user_key("org-a", "2026-11", "u1")):
+    for key in (
+        org_key("org-a", "2026-11"),
+        tier_key("org-a", "2026-11", "STANDARD"),
+        user_key("org-a", "2026-11", "u1"),
+    ):
         total = totals_of(totals, key)
         assert (total.events, total.cost_nano, total.extra_cost_nano) == (1, HAIKU_COST, HAIKU_COST)
         assert (total.input_tokens, total.output_tokens) == (1_000, 100)
@@ -93,9 +96,7 @@ def test_redelivery_reuses_the_recorded_price_even_if_the_table_changed() -> Non
     seen: dict = {}
     totals: dict = {}
     Meter(PRICES, seen, totals).process(event(), offset=5)
-    dearer = PriceTable.from_mapping(
-        {"versions": [{**_raw_version(), "id": "dearer"}]}
-    )
+    dearer = PriceTable.from_mapping({"versions": [{**_raw_version(), "id": "dearer"}]})
     outcome = Meter(dearer, seen, totals).process(event(), offset=5)
     assert outcome.priced is not None
     assert outcome.priced.price.pricing_version == PRICES.versions[0].version_id
@@ -159,13 +160,21 @@ def test_tier_follows_each_event() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.integers(0, 15), st.integers(0, 3), st.integers(0, 50_000),
-                  st.integers(0, 5_000), st.booleans()),
-        min_size=1, max_size=40,
+        st.tuples(
+            st.integers(0, 15),
+            st.integers(0, 3),
+            st.integers(0, 50_000),
+            st.integers(0, 5_000),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=40,
     ),
     st.data(),
 )
-def test_totals_equal_sum_of_unique_line_items_under_redelivery(records: list, data: st.DataObject) -> None:
+def test_totals_equal_sum_of_unique_line_items_under_redelivery(
+    records: list, data: st.DataObject
+) -> None:
     """Any stream with duplicates, replayed from any earlier offset, gives the same totals."""
     stream = [
         event(f"e{eid}", user_id=f"u{user}", usage=TokenUsage(inp, out, 0, 0), extra_usage=extra)

@@ -15,10 +15,19 @@ NOW = iso_to_ms("2026-11-28T12:00:00Z")
 
 def record(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "event_id": "e1", "occurred_at": NOW - 1000, "org_id": "org", "plan": "TEAM",
-        "user_id": "u", "seat_tier": "PREMIUM", "product": "CLAUDE_CODE",
-        "model": "claude-sonnet-4-0", "input_tokens": 1, "output_tokens": 2,
-        "cache_creation_input_tokens": 3, "cache_read_input_tokens": 4, "extra_usage": True,
+        "event_id": "e1",
+        "occurred_at": NOW - 1000,
+        "org_id": "org",
+        "plan": "TEAM",
+        "user_id": "u",
+        "seat_tier": "PREMIUM",
+        "product": "CLAUDE_CODE",
+        "model": "claude-sonnet-4-0",
+        "input_tokens": 1,
+        "output_tokens": 2,
+        "cache_creation_input_tokens": 3,
+        "cache_read_input_tokens": 4,
+        "extra_usage": True,
     }
     base.update(changes)
     return base
@@ -56,7 +65,9 @@ def test_bad_records_get_their_reason(changes: dict[str, Any], reason: DeadLette
 
 
 def test_one_hour_ahead_is_still_accepted() -> None:
-    assert validate_usage(record(occurred_at=NOW + 3_600_000), NOW).occurred_at_ms == NOW + 3_600_000
+    assert (
+        validate_usage(record(occurred_at=NOW + 3_600_000), NOW).occurred_at_ms == NOW + 3_600_000
+    )
 
 
 def test_maximum_token_count_is_accepted() -> None:

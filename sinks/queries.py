@@ -1,0 +1,77 @@
+"""Read queries over the SPEC §6 views: pure builders returning (sql, parameters).
+
+Every value is bound as a query parameter; nothing the user typed is formatted into SQL.
+Month filters use a half-open ``occurred_at`` range so ClickHouse prunes the monthly
+partitions of the store.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+Query = tuple[str, dict[str, object]]
+
+
+def _month_range(month: date) -> dict[str, object]:
+    following = date(month.year + (month.month == 12), month.month % 12 + 1, 1)
+    return {"start": month.isoformat() + " 00:00:00", "end": following.isoformat() + " 00:00:00"}
+
+
+# Source columns are referenced through the alias ``e``: ClickHouse's analyzer would otherwise
+# substitute the result alias ``cost_usd`` inside ``sumIf(cost_usd, ...)`` (ILLEGAL_AGGREGATION).
+_PE_FILTER = (
+    "e.org_id = {org:String} AND e.occurred_at >= toDateTime64({start:String}, 3, 'UTC') "
+    "AND e.occurred_at < toDateTime64({end:String}, 3, 'UTC')"
+)
+_MEASURES = (
+    "count() AS events, sum(e.input_tokens) AS input_tokens, "
+    "sum(e.output_tokens) AS output_tokens, sum(e.cost_usd) AS cost_usd, "
+    "sumIf(e.cost_usd, e.extra_usage = 1) AS extra_cost_usd"
+)
+
+
+def org_month_total(org_id: str, month: date) -> Query:
+    """One row: the organisation's month (``metering.org_month``)."""
+    sql = (
+        "SELECT month, org_id, events, input_tokens, output_tokens, cache_creation_input_tokens,"
+        " cache_read_input_tokens, cost_usd, extra_cost_usd FROM metering.org_month"
+        " WHERE org_id = {org:String} AND month = toDate({month:String})"
+    )
+    return sql, {"org": org_id, "month": month.isoformat()}
+
+
+def spend_by_member(org_id: str, month: date) -> Query:
+    """Month-to-date spend per member, biggest extra cost first (the MTD Spend column)."""
+    sql = (
+        f"SELECT e.user_id AS user_id, argMax(e.seat_tier, e.occurred_at) AS seat_tier,"
+        f" {_MEASURES} FROM metering.priced_events AS e WHERE {_PE_FILTER}"
+        " GROUP BY e.user_id ORDER BY extra_cost_usd DESC, cost_usd DESC, user_id"
+    )
+    return sql, {"org": org_id, **_month_range(month)}
+
+
+def spend_by_tier(org_id: str, month: date) -> Query:
+    sql = (
+        "SELECT seat_tier, events, input_tokens, output_tokens, cost_usd, extra_cost_usd"
+        " FROM metering.tier_month WHERE org_id = {org:String} AND month = toDate({month:String})"
+        " ORDER BY seat_tier"
+    )
+    return sql, {"org": org_id, "month": month.isoformat()}
+
+
+def spend_by_model(org_id: str, month: date) -> Query:
+    sql = (
+        f"SELECT e.model_family AS model_family, {_MEASURES}"
+        f" FROM metering.priced_events AS e WHERE {_PE_FILTER}"
+        " GROUP BY e.model_family ORDER BY cost_usd DESC, model_family"
+    )
+    return sql, {"org": org_id, **_month_range(month)}
+
+
+def top_orgs(month: date, limit: int = 10) -> Query:
+    """The organisations with the most spend in a month (the demo's overview)."""
+    sql = (
+        "SELECT org_id, events, cost_usd, extra_cost_usd FROM metering.org_month"
+        " WHERE month = toDate({month:String}) ORDER BY cost_usd DESC, org_id LIMIT {limit:UInt32}"
+    )
+    return sql, {"month": month.isoformat(), "limit": limit}

@@ -1,0 +1,225 @@
+"""The Faust application: ``faust -A streams.app worker`` or ``metering worker``.
+
+Topology (one agent, one partition at a time, in offset order)::
+
+    usage.events ──► meter_usage ──► metering.priced ──► sink (own group) ──► ClickHouse
+                         │  ▲
+                         │  └── tables: seen (dedupe), totals (month per org/tier/user)
+                         ├──► metering.dead-letter   (bad input, with a reason)
+                         └──► usage.events           (re-route to the org's partition)
+
+The agent is a thin adapter: decode, validate and meter with the pure core
+(:mod:`core.validation`, :class:`core.metering.Meter`), then send what the core decided.
+Every table key starts with the org, and an org's events are metered only on the org's
+partition, so each key's changelog lives on one partition (FAUST_NOTES).
+
+Failure contract: poison input is dead-lettered (the send is awaited before the event is
+acknowledged) and never stops the worker; anything unexpected is a bug or infrastructure
+trouble, and the process exits non-zero *without* acknowledging the event, so the event is
+processed again after the restart instead of being skipped (faust#527).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import faust
+from mode import Service
+
+from core.errors import RejectedEvent
+from core.metering import Meter, Status
+from core.pricing import PriceTable, default_price_table_path
+from core.settings import Settings, load_settings
+from core.validation import validate_usage
+from streams import metrics
+from streams.codec import Codecs, dead_letter_record, priced_to_record
+from streams.kafka_config import faust_broker_config
+from streams.topics import DEAD_LETTER, PRICED, USAGE, ensure_topics, partition_for
+
+log = logging.getLogger(__name__)
+
+EXIT_BUG = 70  # EX_SOFTWARE: supervisor restarts us; the event was not acknowledged
+
+
+def worker_datadir(settings: Settings) -> Path:
+    """Local table state (RocksDB) of one worker process.
+
+    Two workers on one machine must differ in ``METERING_WEB_PORT`` anyway, so the port names
+    the directory and they never share a RocksDB path.
+    """
+    return settings.data_path / "worker" / f"{settings.app_id}-{settings.web_port}"
+
+
+class MeteringApp(faust.App):
+    """A Faust app that creates the pipeline's topics before it subscribes to them."""
+
+    metering_settings: Settings
+
+    async def on_first_start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, ensure_topics, self.metering_settings
+        )
+        await super().on_first_start()
+
+
+def create_app(settings: Settings | None = None) -> MeteringApp:
+    """Build the worker app for ``settings`` (read from the environment when None)."""
+    settings = settings or load_settings()
+    partitions = settings.partitions
+    worker_datadir(settings).parent.mkdir(parents=True, exist_ok=True)
+    app = MeteringApp(
+        settings.app_id,
+        **faust_broker_config(settings),
+        store="rocksdb://",
+        datadir=str(worker_datadir(settings)),
+        topic_partitions=partitions,
+        processing_guarantee="at_least_once",
+        web_port=settings.web_port,
+        web_bind=settings.web_bind,
+        web_host=settings.web_bind,
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=8192,
+        broker_max_poll_records=2000,
+        producer_linger=0.005,
+        producer_max_batch_size=512 * 1024,
+        producer_compression_type="lz4",
+        autodiscover=False,
+    )
+    app.metering_settings = settings
+    codecs = Codecs.from_settings(settings)
+    prices = PriceTable.load(settings.price_table or default_price_table_path())
+
+    usage_name = settings.topic(USAGE)
+    raw = {
+        "key_type": bytes,
+        "value_type": bytes,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
+    usage_topic = app.topic(usage_name, partitions=partitions, **raw)
+    priced_topic = app.topic(settings.topic(PRICED), partitions=partitions, **raw)
+    dead_letter_topic = app.topic(settings.topic(DEAD_LETTER), partitions=partitions, **raw)
+
+    seen = app.Table(
+        "seen",
+        default=None,
+        partitions=partitions,
+        key_type=str,
+        help="(org, event_id) -> first offset and price",
+    )
+    totals = app.Table(
+        "totals",
+        default=None,
+        partitions=partitions,
+        key_type=str,
+        help="calendar-month totals per org, seat tier and user",
+    )
+    meter = Meter(prices, seen, totals)
+
+    async def dead_letter(rejected: RejectedEvent, message: Any, now_ms: int) -> None:
+        record = dead_letter_record(
+            reason=rejected.reason,
+            detail=rejected.detail[:2000],
+            original=message.value,
+            key=message.key,
+            source_topic=message.topic,
+            source_partition=message.partition,
+            source_offset=message.offset,
+            dead_lettered_at_ms=now_ms,
+        )
+        await dead_letter_topic.send(
+            key=message.key,
+            value=codecs.dead_letter.encode(record),
+            partition=message.partition % partitions,
+        )
+        metrics.DEAD_LETTERS.labels(rejected.reason.value).inc()
+
+    async def handle(message: Any) -> None:
+        now_ms = int(time.time() * 1000)
+        metrics.EVENTS_IN.inc()
+        try:
+            event = validate_usage(codecs.usage.decode(message.value), now_ms)
+        except RejectedEvent as rejected:
+            await dead_letter(rejected, message, now_ms)
+            return
+        home = partition_for(event.org_id, partitions)
+        if home != message.partition:
+            # Keyed wrongly by its producer: meter it where its org's state lives.
+            await usage_topic.send(key=event.org_id.encode(), value=message.value, partition=home)
+            metrics.REROUTED.inc()
+            return
+        try:
+            outcome = meter.process(event, message.offset)
+        except RejectedEvent as rejected:
+            await dead_letter(rejected, message, now_ms)
+            return
+        if outcome.status is Status.DUPLICATE:
+            metrics.DUPLICATES.inc()
+            return
+        if outcome.status is Status.REDELIVERED:
+            metrics.REDELIVERED.inc()
+        else:
+            metrics.EVENTS_PRICED.inc()
+        assert outcome.priced is not None
+        await priced_topic.send(
+            key=event.org_id.encode(),
+            value=codecs.priced.encode(
+                priced_to_record(outcome.priced, message.partition, message.offset)
+            ),
+            partition=message.partition,
+        )
+
+    @app.agent(usage_topic, concurrency=1, name="meter_usage")
+    async def meter_usage(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            try:
+                await handle(event.message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug or broken infrastructure: never skip the event
+                log.critical(
+                    "unexpected failure on %s[%d]@%d; exiting so the event is retried",
+                    event.message.topic,
+                    event.message.partition,
+                    event.message.offset,
+                    exc_info=True,
+                )
+                logging.shutdown()
+                os._exit(EXIT_BUG)
+
+    from streams.web import register_pages
+
+    register_pages(app, settings)
+    if settings.embedded_store and settings.worker_sink:
+        app.service(_sink_service_class(settings, codecs))
+    return app
+
+
+def _sink_service_class(settings: Settings, codecs: Codecs) -> type[Service]:
+    """The in-process sink: started with the worker when it can own the embedded store."""
+    from streams.sink_service import SinkService
+
+    class WorkerSink(SinkService):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(settings, codecs, optional=True, **kwargs)
+
+    return WorkerSink
+
+
+_app: MeteringApp | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``streams.app.app`` is created on first use, from the environment's settings."""
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(name)

@@ -1,0 +1,111 @@
+"""The topics of a deployment: names, partition counts, retention, and their creation.
+
+Topic names are logical (``usage.events``) and deployed with ``METERING_TOPIC_PREFIX``. Every
+topic keyed by ``org_id`` has ``METERING_PARTITIONS`` partitions so that an org's usage,
+control messages, priced events and enforcement events share one partition number; the
+worker's table changelogs (created by Faust) have the same count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka.partitioner import murmur2
+
+from core.errors import ConfigError
+from core.settings import Settings
+
+USAGE = "usage.events"
+CONTROL = "metering.control"
+PRICED = "metering.priced"
+DEAD_LETTER = "metering.dead-letter"
+PAUSES = "metering.pauses"
+BILLING = "metering.billing"
+
+UNLIMITED = -1
+DAY_MS = 86_400_000
+
+
+class KafkaUnavailable(ConfigError):
+    """The Kafka cluster cannot be reached or refused an administrative request."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic the pipeline needs. ``co_partitioned`` topics must match the usage topic."""
+
+    name: str
+    retention_ms: int
+    co_partitioned: bool
+    compacted: bool = False
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    # Retention long enough to replay (SPEC §3): unlimited by default.
+    TopicSpec(USAGE, UNLIMITED, co_partitioned=True),
+    TopicSpec(CONTROL, UNLIMITED, co_partitioned=True),
+    # Worker -> sink hand-off; kept a month so a sink can be down for days and catch up.
+    TopicSpec(PRICED, 30 * DAY_MS, co_partitioned=True),
+    TopicSpec(DEAD_LETTER, UNLIMITED, co_partitioned=False),
+    TopicSpec(PAUSES, UNLIMITED, co_partitioned=True),
+    TopicSpec(BILLING, UNLIMITED, co_partitioned=True),
+)
+
+
+def partition_for(org_id: str, partitions: int) -> int:
+    """The partition of an organisation: murmur2 of the UTF-8 key, as Java/Confluent clients."""
+    return (murmur2(org_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create the missing topics and check the existing ones; returns the names created.
+
+    Raises :class:`ConfigError` when an existing co-partitioned topic has another partition
+    count than ``METERING_PARTITIONS`` (events would land on the wrong partitions), and
+    :class:`KafkaUnavailable` when the cluster does not answer within ``timeout``.
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(settings.kafka_client_config())
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise KafkaUnavailable(
+            f"Kafka at {settings.kafka_bootstrap} did not answer "
+            f"({exc.args[0].str() if exc.args else exc}); start it with `metering kafka start` "
+            "or set METERING_KAFKA_BOOTSTRAP"
+        ) from None
+    existing = metadata.topics
+    problems: list[str] = []
+    wanted: list[NewTopic] = []
+    for spec in TOPICS:
+        name = settings.topic(spec.name)
+        if name in existing:
+            count = len(existing[name].partitions)
+            if spec.co_partitioned and count != settings.partitions:
+                problems.append(
+                    f"topic {name} has {count} partitions but METERING_PARTITIONS is "
+                    f"{settings.partitions}"
+                )
+            continue
+        config = {"retention.ms": str(spec.retention_ms)}
+        if spec.compacted:
+            config["cleanup.policy"] = "compact"
+        wanted.append(
+            NewTopic(name, num_partitions=settings.partitions, replication_factor=-1, config=config)
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    created: list[str] = []
+    if not wanted:
+        return created
+    for name, future in admin.create_topics(wanted, request_timeout=timeout).items():
+        try:
+            future.result(timeout=timeout)
+            created.append(name)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.name() != "TOPIC_ALREADY_EXISTS":  # a concurrent creator won the race
+                raise KafkaUnavailable(f"could not create topic {name}: {error.str()}") from None
+    return created

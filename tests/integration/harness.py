@@ -1,0 +1,147 @@
+"""Running real worker processes against a test deployment, and reading what they made."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
+    """Poll ``condition`` until it returns a truthy value; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def terminate(self, timeout: float = 90.0) -> int:
+        """SIGTERM and wait: the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"worker ignored SIGTERM for {timeout}s; log {self.log_path}"
+            ) from None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Deployment:
+    env: dict[str, str]
+    root: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        keys = {k.removeprefix("METERING_").lower(): v for k, v in self.env.items()}
+        return Settings(**keys)  # type: ignore[arg-type]
+
+    def process_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+        env.update(self.env)
+        env["PYTHONPATH"] = str(REPO)
+        return env
+
+    def start_worker(self, *args: str) -> WorkerProcess:
+        log_path = self.root / f"worker-{len(self.workers)}.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "jobs.cli", "worker", *args],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self.process_env(),
+                cwd=REPO,
+            )
+        worker = WorkerProcess(process, log_path)
+        self.workers.append(worker)
+        return worker
+
+    def metering(
+        self, *args: str, input_text: str | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the ``metering`` CLI in this deployment."""
+        return subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *args],
+            env=self.process_env(),
+            cwd=REPO,
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.kill()
+
+    def produce(self, items: Iterable[Any]) -> int:
+        """Produce generated items (events as Avro, raw bytes as they are)."""
+        from jobs.producer import UsageProducer
+
+        producer = UsageProducer(self.settings)
+        for item in items:
+            if item.raw is not None:
+                producer.send_raw(item.key.encode(), item.raw)
+            else:
+                producer.send_event(item.event)
+        return producer.close()
+
+    def wait_processed(self, timeout: float = 300) -> None:
+        from jobs.progress import group_position
+        from streams.topics import PRICED, USAGE
+
+        settings = self.settings
+
+        def caught_up() -> bool:
+            for worker in self.workers:
+                code = worker.process.poll()
+                if code is not None and code != 0 and worker is self.workers[-1]:
+                    raise AssertionError(f"worker exited {code}:\n{worker.log()[-4000:]}")
+            usage = group_position(settings, settings.app_id, settings.topic(USAGE))
+            if usage.end == 0 or usage.lag:
+                return False
+            priced = group_position(settings, settings.sink_group, settings.topic(PRICED))
+            return priced.end > 0 and priced.lag == 0
+
+        wait_for(caught_up, timeout, "the worker and the sink to catch up")
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Read the store through whichever process owns it (or directly)."""
+        from sinks.access import open_reader
+
+        reader = open_reader(self.settings)
+        try:
+            return reader.query(sql, parameters)
+        finally:
+            reader.close()
