@@ -108,7 +108,9 @@ class Deployment:
     def produce(self, items: Iterable[Any]) -> int:
         """Produce generated items (events as Avro, raw bytes as they are)."""
         from jobs.producer import UsageProducer
+        from streams.topics import ensure_topics
 
+        ensure_topics(self.settings)
         producer = UsageProducer(self.settings)
         for item in items:
             if item.raw is not None:
@@ -135,6 +137,18 @@ class Deployment:
             return priced.end > 0 and priced.lag == 0
 
         wait_for(caught_up, timeout, "the worker and the sink to catch up")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """A Prometheus sample from the running worker's ``/metrics`` (0 when absent)."""
+        import httpx
+
+        text = httpx.get(f"http://127.0.0.1:{self.env['METERING_WEB_PORT']}/metrics").text
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == wanted:
+                return float(value)
+        return 0.0
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Read the store through whichever process owns it (or directly)."""

@@ -128,6 +128,10 @@ def test_worker_meters_generated_load_exactly(deployment: Deployment) -> None:
 
     assert_views_match(deployment, expected)
 
+    assert deployment.metric("metering_duplicates_skipped_total") == expected.duplicates
+    for reason, count in expected.dead_letters.items():
+        assert deployment.metric("metering_dead_letters_total", f'reason="{reason}"') == count
+
     letters = dead_letters(deployment, sum(expected.dead_letters.values()))
     assert Counter(r["reason"] for r in letters) == expected.dead_letters
     for letter in letters:
@@ -142,11 +146,12 @@ def test_events_keyed_to_the_wrong_partition_are_rerouted_not_lost(
     deployment: Deployment,
 ) -> None:
     from jobs.producer import UsageProducer
-    from streams.topics import partition_for
+    from streams.topics import ensure_topics, partition_for
 
     records, now_ms = _records(400, seed=11)
     events = [r for r in records if r.kind == "event"]
     settings = deployment.settings
+    ensure_topics(settings)
     producer = UsageProducer(settings)
     for item in events:
         assert item.event is not None
@@ -160,6 +165,10 @@ def test_events_keyed_to_the_wrong_partition_are_rerouted_not_lost(
     worker = deployment.start_worker()
     deployment.wait_processed(timeout=300)
     assert_views_match(deployment, expected_views(events, now_ms))
+    assert deployment.metric("metering_rerouted_total") == len(events)
+    assert deployment.metric("metering_events_priced_total") == len(
+        {(e.event["org_id"], e.event["event_id"]) for e in events if e.event}
+    )
     assert worker.terminate() == 0
 
 
