@@ -406,6 +406,32 @@ def wait_until_processed(settings: Settings, timeout: float, what: str = "meteri
             time.sleep(0.5)
 
 
+def _print_worker_counts(settings: Settings) -> None:
+    """What the worker did, from its Prometheus endpoint."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"http://127.0.0.1:{settings.web_port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return
+    counts: dict[str, float] = {}
+    letters: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "metering_dead_letters_total":
+                letters[sample.labels["reason"]] = sample.value
+            elif sample.name.endswith("_total"):
+                counts[sample.name] = sample.value
+    reasons = ", ".join(f"{reason} {count:.0f}" for reason, count in sorted(letters.items()))
+    out.print(
+        f"metered {counts.get('metering_events_priced_total', 0):,.0f} events, skipped "
+        f"{counts.get('metering_duplicates_skipped_total', 0):,.0f} duplicates, dead-lettered "
+        f"{sum(letters.values()):,.0f} records ({reasons or 'none'}), "
+        f"wrote {counts.get('metering_sink_rows_total', 0):,.0f} rows to ClickHouse"
+    )
+
+
 @cli.command()
 def demo(
     events: Annotated[int, typer.Option(help="Records to generate.")] = 5000,
@@ -439,6 +465,7 @@ def demo(
         _produce_generated(settings, events, None, orgs, users, int(time.time()), 0.005, 0.01)
         out.print("[bold]4/5[/bold] waiting until every record is metered and in ClickHouse")
         wait_until_processed(settings, timeout)
+        _print_worker_counts(settings)
     finally:
         process.send_signal(signal.SIGTERM)
         try:

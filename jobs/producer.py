@@ -38,6 +38,9 @@ class UsageProducer:
                 "compression.type": "lz4",
                 "batch.num.messages": 10000,
                 "queue.buffering.max.messages": 500000,
+                # Errors only: the transient "coordinator load in progress" notice of a
+                # freshly started broker is not worth an operator's attention.
+                "log_level": 3,
             }
         )
         self.delivered = 0
