@@ -40,7 +40,7 @@ kafka_cli = typer.Typer(
 cli.add_typer(kafka_cli, name="kafka")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class UsageError(MeteringError):
@@ -503,11 +503,29 @@ def demo(
 
 def main() -> None:
     """Console-script entry point: one line for expected errors, tracebacks only for bugs."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
+
     try:
-        cli()
+        status = cli(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(2)
+    except ClickUsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "metering"
+        err.print(
+            f"error: {exc.format_message()} (see: {where} --help)", markup=False, highlight=False
+        )
+        sys.exit(2)
+    except ClickException as exc:
+        err.print(f"error: {exc.format_message()}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
     except MeteringError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False)
         sys.exit(2)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, TopicPartition
 
 from core.settings import Settings
+from streams.kafka_config import quiet_client_config
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def group_position(
     committed counts from its low watermark.
     """
     consumer = Consumer(
-        {**settings.kafka_client_config(), "group.id": group, "enable.auto.commit": False}
+        {**quiet_client_config(settings), "group.id": group, "enable.auto.commit": False}
     )
     try:
         metadata = consumer.list_topics(topic, timeout=timeout)

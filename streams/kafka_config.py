@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -55,3 +56,17 @@ def faust_broker_config(settings: Settings) -> dict[str, Any]:
     elif context is not None:
         config["broker_credentials"] = faust.SSLCredentials(context)
     return config
+
+
+_SILENT = logging.getLogger("metering.librdkafka.silent")
+_SILENT.addHandler(logging.NullHandler())
+_SILENT.propagate = False
+
+
+def quiet_client_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka settings for short-lived command-line clients (admin, offset probes).
+
+    librdkafka logs every failed reconnect to stderr; the caller turns a failure into one
+    clear line instead, so the client's own log is dropped.
+    """
+    return {**settings.kafka_client_config(), "logger": _SILENT}

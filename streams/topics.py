@@ -14,6 +14,7 @@ from aiokafka.partitioner import murmur2
 
 from core.errors import ConfigError
 from core.settings import Settings
+from streams.kafka_config import quiet_client_config
 
 USAGE = "usage.events"
 CONTROL = "metering.control"
@@ -57,7 +58,7 @@ def partition_for(org_id: str, partitions: int) -> int:
     return (murmur2(org_id.encode()) & 0x7FFFFFFF) % partitions
 
 
-def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     """Create the missing topics and check the existing ones; returns the names created.
 
     Raises :class:`ConfigError` when an existing co-partitioned topic has another partition
@@ -67,7 +68,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient(settings.kafka_client_config())
+    admin = AdminClient(quiet_client_config(settings))
     try:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:

@@ -73,14 +73,17 @@ class Deployment:
         env["PYTHONPATH"] = str(REPO)
         return env
 
-    def start_worker(self, *args: str) -> WorkerProcess:
-        log_path = self.root / f"worker-{len(self.workers)}.log"
+    def start_worker(
+        self, *args: str, command: str = "worker", env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        """Start ``metering <command>`` (a worker by default) as a real process."""
+        log_path = self.root / f"{command}-{len(self.workers)}.log"
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "jobs.cli", "worker", *args],
+                [sys.executable, "-m", "jobs.cli", command, *args],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=self.process_env(),
+                env={**self.process_env(), **(env or {})},
                 cwd=REPO,
             )
         worker = WorkerProcess(process, log_path)
