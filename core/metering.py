@@ -26,11 +26,22 @@ from enum import StrEnum
 
 import orjson
 
+from core.errors import DeadLetterReason, RejectedEvent
 from core.periods import month_of
 from core.pricing import PriceTable
-from core.totals import apply_event, org_key, tier_key, user_key
+from core.totals import (
+    CACHE_READ,
+    CACHE_WRITE,
+    COST,
+    INPUT,
+    OUTPUT,
+    apply_event,
+    org_key,
+    tier_key,
+    user_key,
+)
 from core.usage import Price, PricedEvent, UsageEvent
-from core.validation import check_cost
+from core.validation import MAX_TOTAL, check_cost
 
 
 class Status(StrEnum):
@@ -86,6 +97,7 @@ class Meter:
         if record is None:
             price = self.prices.price(event.model, event.usage, event.occurred_at_ms)
             check_cost(price.cost_nano)
+            self._check_headroom(event, price.cost_nano, period)
             status = Status.APPLIED
             self.seen[key] = [
                 offset,
@@ -114,3 +126,23 @@ class Meter:
             else:
                 self.totals[total_key] = updated
         return Outcome(status, priced, period)
+
+    def _check_headroom(self, event: UsageEvent, cost_nano: int, period: str) -> None:
+        """Refuse an event that would overflow its organisation's month (the largest total)."""
+        total = self.totals.get(org_key(event.org_id, period))
+        if total is None:
+            return
+        usage = event.usage
+        additions = (
+            (COST, cost_nano),
+            (INPUT, usage.input_tokens),
+            (OUTPUT, usage.output_tokens),
+            (CACHE_WRITE, usage.cache_creation_input_tokens),
+            (CACHE_READ, usage.cache_read_input_tokens),
+        )
+        for index, amount in additions:
+            if total[index] + amount > MAX_TOTAL:
+                raise RejectedEvent(
+                    DeadLetterReason.OUT_OF_RANGE,
+                    f"the organisation's {period} total would exceed a 64-bit integer",
+                )

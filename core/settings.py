@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     app_id: str = "metering"
     topic_prefix: str = ""
     partitions: int = Field(default=8, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1, le=10)
+    """Replicas of every topic the pipeline creates, changelogs included (3 in production)."""
     schema_registry_url: str | None = None
     period_timer: Literal["on", "off"] = "on"
     period_grace: str = "1h"

@@ -6,8 +6,9 @@ The Avro schema only guarantees shapes; whether a record can be metered is decid
 
 Documented maxima per request (beyond them a record is ``OUT_OF_RANGE``): each token count at
 most :data:`MAX_TOKENS_PER_KIND` and the priced cost at most :data:`MAX_COST_NANO_PER_REQUEST`.
-No real request comes near either; they exist so that hostile values can never overflow a
-64-bit total or a ClickHouse column.
+No real request comes near either; they exist so that one hostile value cannot overflow a
+64-bit field. Monthly totals are guarded separately (:data:`MAX_TOTAL`): an event that would
+push a total past it is refused as ``OUT_OF_RANGE`` rather than wrapping or crashing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ MAX_TOKENS_PER_KIND = 100_000_000
 
 MAX_COST_NANO_PER_REQUEST = 10_000 * NANO_PER_USD
 """Largest cost of one request: $10,000."""
+
+MAX_TOTAL = 2**63 - 1
+"""Largest value a monthly total (nano-USD or tokens) may reach: a signed 64-bit integer."""
 
 MAX_ID_LENGTH = 256
 """Longest ``event_id``, ``org_id`` or ``user_id``, in characters."""
@@ -85,6 +89,11 @@ def validate_usage(record: Mapping[str, Any], now_ms: int) -> UsageEvent:
     occurred_at = record.get("occurred_at")
     if isinstance(occurred_at, bool) or not isinstance(occurred_at, int):
         raise _invalid("occurred_at is not epoch milliseconds")
+    if occurred_at < 0:
+        # Before 1970 is before every price version; also keeps calendar arithmetic in range.
+        raise RejectedEvent(
+            DeadLetterReason.NO_PRICE, f"occurred_at {occurred_at} is before 1970-01-01"
+        )
     if occurred_at > now_ms + FUTURE_TOLERANCE_MS:
         raise RejectedEvent(
             DeadLetterReason.FUTURE_TIMESTAMP,

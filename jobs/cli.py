@@ -293,19 +293,18 @@ def _json_default(value: Any) -> Any:
 
 def spend_report(settings: Settings, org: str, month: date) -> dict[str, Any]:
     """The month-to-date report of one organisation, read from the store."""
-    from sinks import queries
     from sinks.access import open_reader
 
     reader = open_reader(settings)
     try:
-        totals = reader.query(*queries.org_month_total(org, month))
+        totals = reader.named("org_month_total", org_id=org, month=month)
         return {
             "org_id": org,
             "month": month.isoformat()[:7],
             "total": totals[0] if totals else None,
-            "members": reader.query(*queries.spend_by_member(org, month)),
-            "tiers": reader.query(*queries.spend_by_tier(org, month)),
-            "models": reader.query(*queries.spend_by_model(org, month)),
+            "members": reader.named("spend_by_member", org_id=org, month=month),
+            "tiers": reader.named("spend_by_tier", org_id=org, month=month),
+            "models": reader.named("spend_by_model", org_id=org, month=month),
         }
     finally:
         reader.close()
@@ -375,8 +374,16 @@ def report(
 # -- demo --------------------------------------------------------------------------------
 
 
-def wait_until_processed(settings: Settings, timeout: float, what: str = "metering") -> None:
-    """Block until the worker and the sink groups have committed up to the topics' ends."""
+def wait_until_processed(
+    settings: Settings,
+    timeout: float,
+    what: str = "metering",
+    worker: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Block until the worker and the sink groups have committed up to the topics' ends.
+
+    With ``worker`` given, fail at once if that process exits meanwhile.
+    """
     from jobs.progress import group_position
     from streams.topics import PRICED, USAGE
 
@@ -398,6 +405,8 @@ def wait_until_processed(settings: Settings, timeout: float, what: str = "meteri
                 again = group_position(settings, settings.sink_group, settings.topic(PRICED))
                 if again.lag == 0:
                     return
+            if worker is not None and worker.poll() is not None:
+                raise MeteringError(f"the worker exited with status {worker.returncode}")
             if time.monotonic() > deadline:
                 raise MeteringError(
                     f"not caught up after {timeout:.0f}s (worker lag {worker_pos.lag}, "
@@ -440,7 +449,6 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for processing.")] = 600.0,
 ) -> None:
     """The whole pipeline end to end on the embedded defaults, ending with a spend report."""
-    from sinks import queries
     from sinks.access import open_reader
     from streams.topics import ensure_topics
 
@@ -464,7 +472,10 @@ def demo(
         out.print(f"[bold]3/5[/bold] generating {events:,} records (with duplicates and bad ones)")
         _produce_generated(settings, events, None, orgs, users, int(time.time()), 0.005, 0.01)
         out.print("[bold]4/5[/bold] waiting until every record is metered and in ClickHouse")
-        wait_until_processed(settings, timeout)
+        try:
+            wait_until_processed(settings, timeout, worker=process)
+        except MeteringError as exc:
+            raise MeteringError(f"{exc}; see {log_path}") from None
         _print_worker_counts(settings)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -481,7 +492,7 @@ def demo(
     month = datetime.now(tz=UTC).date().replace(day=1)
     reader = open_reader(settings)
     try:
-        leaders = reader.query(*queries.top_orgs(month, limit=10))
+        leaders = reader.named("top_orgs", month=month, limit=10)
     finally:
         reader.close()
     overview = Table(

@@ -24,11 +24,15 @@ QUERY_PATH = "/metering/query"
 
 
 class Reader(Protocol):
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Run one read-only statement; rows as dicts keyed by column name."""
+    def named(self, name: str, **args: Any) -> list[dict[str, Any]]:
+        """Run one query of :data:`sinks.queries.NAMED_QUERIES`; rows as dicts by column."""
         ...
 
     def close(self) -> None: ...
+
+
+def _json_args(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, date) else v for k, v in args.items()}
 
 
 def encode_rows(columns: list[str], types: list[str], rows: list[tuple]) -> bytes:
@@ -76,9 +80,9 @@ class RemoteReader:
         self.url = url.rstrip("/") + QUERY_PATH
         self._client = httpx.Client(timeout=timeout)
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def named(self, name: str, **args: Any) -> list[dict[str, Any]]:
         try:
-            response = self._client.post(self.url, json={"sql": sql, "parameters": parameters})
+            response = self._client.post(self.url, json={"query": name, "args": _json_args(args)})
         except httpx.HTTPError as exc:
             raise SinkError(f"the store owner at {self.url} did not answer: {exc}") from None
         if response.status_code != 200:
@@ -110,10 +114,11 @@ class DirectReader:
         )
         ensure_schema(self._client)
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def named(self, name: str, **args: Any) -> list[dict[str, Any]]:
         from sinks.clickhouse import query_rows
+        from sinks.queries import build
 
-        return query_rows(self._client, sql, parameters or {})
+        return query_rows(self._client, *build(name, _json_args(args)))
 
     def close(self) -> None:
         close = getattr(self._client, "close", None)

@@ -1,5 +1,8 @@
 """Read queries over the SPEC §6 views: pure builders returning (sql, parameters).
 
+They are also the whole vocabulary of the store owner's ``/metering/query`` endpoint
+(:func:`build`): remote readers name a query and pass arguments, never SQL.
+
 Every value is bound as a query parameter; nothing the user typed is formatted into SQL.
 Month filters use a half-open ``occurred_at`` range so ClickHouse prunes the monthly
 partitions of the store.
@@ -7,7 +10,10 @@ partitions of the store.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping
 from datetime import date
+from typing import Any
 
 Query = tuple[str, dict[str, object]]
 
@@ -75,3 +81,61 @@ def top_orgs(month: date, limit: int = 10) -> Query:
         " WHERE month = toDate({month:String}) ORDER BY cost_usd DESC, org_id LIMIT {limit:UInt32}"
     )
     return sql, {"month": month.isoformat(), "limit": limit}
+
+
+CONTRACT_VIEWS = (
+    "priced_events",
+    "org_month",
+    "tier_month",
+    "user_month",
+    "usage_hourly",
+    "enforcement_log",
+)
+
+
+def view_rows(view: str) -> Query:
+    """Every row of one SPEC §6 view (tests and small exports; analysts use ClickHouse)."""
+    if view not in CONTRACT_VIEWS:
+        raise ValueError(f"unknown view {view!r}; one of {', '.join(CONTRACT_VIEWS)}")
+    return f"SELECT * FROM metering.{view}", {}
+
+
+NAMED_QUERIES: dict[str, Callable[..., Query]] = {
+    "org_month_total": org_month_total,
+    "spend_by_member": spend_by_member,
+    "spend_by_tier": spend_by_tier,
+    "spend_by_model": spend_by_model,
+    "top_orgs": top_orgs,
+    "view_rows": view_rows,
+}
+
+
+def build(name: str, args: Mapping[str, Any]) -> Query:
+    """A named query with JSON arguments (``month`` as ``YYYY-MM-DD``) -> (sql, parameters).
+
+    This is the only way the store owner's web endpoint runs SQL: callers choose among these
+    builders and bind values, they never send SQL. Raises ``ValueError`` for an unknown name or
+    arguments that do not fit.
+    """
+    builder = NAMED_QUERIES.get(name)
+    if builder is None:
+        raise ValueError(f"unknown query {name!r}")
+    converted: dict[str, Any] = {}
+    for key, value in args.items():
+        if key == "month":
+            if not isinstance(value, str):
+                raise ValueError("month must be a YYYY-MM-DD string")
+            converted[key] = date.fromisoformat(value)
+        elif key == "limit":
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 10_000:
+                raise ValueError("limit must be an integer from 1 to 10000")
+            converted[key] = value
+        elif isinstance(value, str):
+            converted[key] = value
+        else:
+            raise ValueError(f"argument {key!r} must be a string")
+    try:
+        inspect.signature(builder).bind(**converted)
+    except TypeError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    return builder(**converted)

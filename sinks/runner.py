@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from core.errors import MeteringError
 from core.settings import Settings
@@ -121,11 +122,13 @@ class SinkRunner:
                 record = self.codecs.priced.decode(message.value)
                 priced, partition, offset = record_to_priced(record)
             except MeteringError as exc:
-                # Our own topic: a record we cannot read is a bug or a foreign producer. Say so
-                # loudly and count it; the worker's dead-letter topic is for usage input.
-                log.error("sink: unreadable record at %s:%d (%s)", tp, message.offset, exc)
+                # Our own topic: an unreadable record means a worker/sink version mismatch or a
+                # foreign producer. Skipping it would silently drop an invoice line, so stop
+                # here without committing, loudly, until an operator fixes it.
                 metrics.SINK_UNREADABLE.inc()
-                continue
+                raise SinkError(
+                    f"unreadable record at {tp.topic}[{tp.partition}]@{message.offset}: {exc}"
+                ) from None
             rows.append(PricedRow(priced, partition, offset))
         if rows:
             self.sink.add(rows)
@@ -162,7 +165,12 @@ class SinkRunner:
                     paused = True
                 if self.stopping.is_set() and delay >= max_delay:
                     raise
-                await asyncio.sleep(delay)
+                if consumer is not None:
+                    # Polling the paused partitions returns nothing but keeps this member in
+                    # its group however long the outage lasts (max.poll.interval.ms).
+                    await consumer.getmany(timeout_ms=int(delay * 1000))
+                else:
+                    await asyncio.sleep(delay)
                 delay = min(delay * 2, max_delay)
         if paused and consumer is not None:
             consumer.resume(*consumer.assignment())
@@ -174,7 +182,12 @@ class SinkRunner:
         self._oldest_pending = None
         if consumer is not None:
             offsets = dict(self._offsets)
-            await consumer.commit(offsets)
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # The group moved on (a rebalance): the rows are written and idempotent, the
+                # partitions' next owner re-reads from the last commit. Nothing is lost.
+                log.warning("sink: offset commit refused after a rebalance: %s", exc)
         self._offsets.clear()
 
     async def on_revoked(self, revoked: list[TopicPartition]) -> None:

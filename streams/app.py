@@ -13,10 +13,12 @@ The agent is a thin adapter: decode, validate and meter with the pure core
 Every table key starts with the org, and an org's events are metered only on the org's
 partition, so each key's changelog lives on one partition (FAUST_NOTES).
 
-Failure contract: poison input is dead-lettered (the send is awaited before the event is
-acknowledged) and never stops the worker; anything unexpected is a bug or infrastructure
-trouble, and the process exits non-zero *without* acknowledging the event, so the event is
-processed again after the restart instead of being skipped (faust#527).
+Failure contract: poison input is dead-lettered and never stops the worker; anything
+unexpected is a bug or infrastructure trouble, and the process exits non-zero *without*
+acknowledging the event, so the event is processed again after the restart instead of being
+skipped (faust#527). Every produced message (outputs and table changelog writes) is tracked
+by :class:`streams.delivery.DeliveryGuard`: offsets are committed only after all of them are
+acknowledged, and a failed delivery ends the process before any commit.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from core.settings import Settings, load_settings
 from core.validation import validate_usage
 from streams import metrics
 from streams.codec import Codecs, dead_letter_record, priced_to_record
+from streams.delivery import DeliveryGuard
 from streams.kafka_config import faust_broker_config
 from streams.topics import DEAD_LETTER, PRICED, USAGE, ensure_topics, partition_for
 
@@ -78,6 +81,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         store="rocksdb://",
         datadir=str(worker_datadir(settings)),
         topic_partitions=partitions,
+        topic_replication_factor=settings.replication_factor,
         processing_guarantee="at_least_once",
         web_port=settings.web_port,
         web_bind=settings.web_bind,
@@ -121,6 +125,8 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         help="calendar-month totals per org, seat tier and user",
     )
     meter = Meter(prices, seen, totals)
+    delivery = DeliveryGuard()
+    delivery.install(app)
 
     async def dead_letter(rejected: RejectedEvent, message: Any, now_ms: int) -> None:
         record = dead_letter_record(
@@ -133,11 +139,12 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             source_offset=message.offset,
             dead_lettered_at_ms=now_ms,
         )
-        await dead_letter_topic.send(
+        sent = await dead_letter_topic.send(
             key=message.key,
             value=codecs.dead_letter.encode(record),
             partition=message.partition % partitions,
         )
+        delivery.track(sent)
         metrics.DEAD_LETTERS.labels(rejected.reason.value).inc()
 
     async def handle(message: Any) -> None:
@@ -151,7 +158,11 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         home = partition_for(event.org_id, partitions)
         if home != message.partition:
             # Keyed wrongly by its producer: meter it where its org's state lives.
-            await usage_topic.send(key=event.org_id.encode(), value=message.value, partition=home)
+            delivery.track(
+                await usage_topic.send(
+                    key=event.org_id.encode(), value=message.value, partition=home
+                )
+            )
             metrics.REROUTED.inc()
             return
         try:
@@ -167,13 +178,14 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         else:
             metrics.EVENTS_PRICED.inc()
         assert outcome.priced is not None
-        await priced_topic.send(
+        sent = await priced_topic.send(
             key=event.org_id.encode(),
             value=codecs.priced.encode(
                 priced_to_record(outcome.priced, message.partition, message.offset)
             ),
             partition=message.partition,
         )
+        delivery.track(sent)
 
     @app.agent(usage_topic, concurrency=1, name="meter_usage")
     async def meter_usage(stream: faust.StreamT) -> None:

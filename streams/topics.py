@@ -24,7 +24,6 @@ PAUSES = "metering.pauses"
 BILLING = "metering.billing"
 
 UNLIMITED = -1
-DAY_MS = 86_400_000
 
 
 class KafkaUnavailable(ConfigError):
@@ -45,9 +44,12 @@ TOPICS: tuple[TopicSpec, ...] = (
     # Retention long enough to replay (SPEC §3): unlimited by default.
     TopicSpec(USAGE, UNLIMITED, co_partitioned=True),
     TopicSpec(CONTROL, UNLIMITED, co_partitioned=True),
-    # Worker -> sink hand-off; kept a month so a sink can be down for days and catch up.
-    TopicSpec(PRICED, 30 * DAY_MS, co_partitioned=True),
-    TopicSpec(DEAD_LETTER, UNLIMITED, co_partitioned=False),
+    # Worker -> sink hand-off. Unlimited, so a sink that is down for any length of time
+    # catches up instead of losing invoice lines; operators may shorten it once sink lag is
+    # monitored.
+    TopicSpec(PRICED, UNLIMITED, co_partitioned=True),
+    # Dead letters are sent to the partition of the record they describe.
+    TopicSpec(DEAD_LETTER, UNLIMITED, co_partitioned=True),
     TopicSpec(PAUSES, UNLIMITED, co_partitioned=True),
     TopicSpec(BILLING, UNLIMITED, co_partitioned=True),
 )
@@ -93,8 +95,15 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
         config = {"retention.ms": str(spec.retention_ms)}
         if spec.compacted:
             config["cleanup.policy"] = "compact"
+        if settings.replication_factor > 1:
+            config["min.insync.replicas"] = str(min(2, settings.replication_factor))
         wanted.append(
-            NewTopic(name, num_partitions=settings.partitions, replication_factor=-1, config=config)
+            NewTopic(
+                name,
+                num_partitions=settings.partitions,
+                replication_factor=settings.replication_factor,
+                config=config,
+            )
         )
     if problems:
         raise ConfigError("; ".join(problems))

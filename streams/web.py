@@ -2,8 +2,9 @@
 
 * ``GET /metrics`` — Prometheus metrics.
 * ``GET /metering/health`` — liveness and whether this process owns the store.
-* ``POST /metering/query`` — ``{"sql", "parameters"}``: one read-only statement against the
-  store this process owns (the CLI's read path while chDB is held by this process).
+* ``POST /metering/query`` — ``{"query", "args"}``: one named read query
+  (:mod:`sinks.queries`) against the store this process owns — the CLI's read path while chDB
+  is held by this process. No SQL is accepted.
 
 The handlers are plain coroutines over (method body) -> (status, bytes, content type), mounted
 on Faust's web server in a worker and on a bare aiohttp server in ``metering sink``.
@@ -12,7 +13,6 @@ on Faust's web server in a worker and on a bare aiohttp server in ``metering sin
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,9 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from core.settings import Settings
 from sinks.access import QUERY_PATH, encode_rows
 from sinks.errors import SinkError
+from sinks.queries import build
 from streams.sink_service import active_sink
 
-_READ_ONLY = re.compile(r"^\s*(SELECT|WITH|DESCRIBE|DESC|SHOW|EXISTS)\b", re.IGNORECASE)
 Reply = tuple[int, bytes, str]
 JSON = "application/json"
 
@@ -39,23 +39,27 @@ async def health_reply() -> Reply:
     return 200, json.dumps({"ok": True, "owns_store": active_sink() is not None}).encode(), JSON
 
 
-async def query_reply(body: bytes) -> Reply:
-    """Run a read-only query on this process's store; 409 when it owns none."""
+async def query_reply(body: bytes, content_type: str) -> Reply:
+    """Run a named read query on this process's store; 409 when it owns none.
+
+    The body is ``{"query": name, "args": {...}}`` naming one of
+    :data:`sinks.queries.NAMED_QUERIES`; no SQL is accepted. ``application/json`` is required,
+    so a web page cannot trigger the endpoint with a simple cross-site form post.
+    """
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        return _error(415, "send application/json")
+    try:
+        request: Any = json.loads(body or b"{}")
+        sql, parameters = build(request["query"], request.get("args") or {})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return _error(400, f'expected {{"query": name, "args": {{...}}}}: {exc}')
     sink = active_sink()
     if sink is None:
         return _error(409, "this process does not own the store")
     try:
-        request: Any = json.loads(body or b"{}")
-        sql = request["sql"]
-        parameters = request.get("parameters") or {}
-    except (ValueError, KeyError, TypeError):
-        return _error(400, 'expected JSON {"sql": ..., "parameters": {...}}')
-    if not isinstance(sql, str) or not _READ_ONLY.match(sql) or ";" in sql.strip().rstrip(";"):
-        return _error(400, "only one SELECT, WITH, DESCRIBE, SHOW or EXISTS statement")
-    try:
         columns, types, rows = await sink.query(sql, parameters)
     except SinkError as exc:
-        return _error(400, str(exc))
+        return _error(500, str(exc))
     return 200, encode_rows(columns, types, rows), JSON
 
 
@@ -81,7 +85,8 @@ def register_pages(app: Any, settings: Settings) -> None:
     @app.page(QUERY_PATH)
     class Query(View):
         async def post(self, request: Request) -> Response:
-            return respond(self, await query_reply(await self.read_request_content(request)))
+            body = await self.read_request_content(request)
+            return respond(self, await query_reply(body, request.headers.get("Content-Type", "")))
 
 
 def standalone_web_app() -> Any:
@@ -99,7 +104,8 @@ def standalone_web_app() -> Any:
         return respond(await health_reply())
 
     async def query(request: web.Request) -> web.Response:
-        return respond(await query_reply(await request.read()))
+        body = await request.read()
+        return respond(await query_reply(body, request.headers.get("Content-Type", "")))
 
     application = web.Application()
     application.router.add_get("/metrics", metrics)

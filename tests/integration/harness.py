@@ -153,12 +153,12 @@ class Deployment:
                 return float(value)
         return 0.0
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Read the store through whichever process owns it (or directly)."""
+    def view(self, name: str) -> list[dict[str, Any]]:
+        """Every row of a SPEC §6 view, read through whichever process owns the store."""
         from sinks.access import open_reader
 
         reader = open_reader(self.settings)
         try:
-            return reader.query(sql, parameters)
+            return reader.named("view_rows", view=name)
         finally:
             reader.close()

@@ -107,7 +107,7 @@ def test_standalone_sink_owns_the_store_and_serves_reads(deployment: Deployment)
     assert "runs without the sink" in worker.log()
 
     expected = expected_views(records, now_ms)
-    rows = deployment.query("SELECT org_id, cost_usd FROM metering.org_month")
+    rows = deployment.view("org_month")
     got: dict[str, Decimal] = {}
     for row in rows:
         got[row["org_id"]] = got.get(row["org_id"], Decimal(0)) + row["cost_usd"]

@@ -41,7 +41,7 @@ def _records(events: int, seed: int) -> tuple[list[Generated], int]:
 
 
 def _view(deployment: Deployment, name: str, keys: tuple[str, ...]) -> dict[tuple, dict]:
-    rows = deployment.query(f"SELECT * FROM metering.{name}")
+    rows = deployment.view(name)
     table: dict[tuple, dict] = {}
     for row in rows:
         key = tuple(row[k] for k in keys)

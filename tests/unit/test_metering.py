@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -199,3 +200,42 @@ def test_totals_equal_sum_of_unique_line_items_under_redelivery(
         totals_of(totals, user_key("org-a", "2026-11", f"u{u}")).cost_nano for u in range(4)
     )
     assert user_sum == org_total.cost_nano
+
+
+def test_a_total_that_would_overflow_64_bits_is_refused_before_any_write() -> None:
+    totals: dict = {}
+    seen: dict = {}
+    meter = Meter(PRICES, seen, totals)
+    meter.process(event("e1"), offset=1)
+    key = org_key("org-a", "2026-11")
+    totals[key] = [*totals[key][:6], 2**63 - 10, 0]  # cost nearly at the limit
+    before = dict(totals)
+    with pytest.raises(RejectedEvent) as caught:
+        meter.process(event("e2"), offset=2)
+    assert caught.value.reason is DeadLetterReason.OUT_OF_RANGE
+    assert totals == before and len(seen) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**63), 2**63 - 1))
+def test_any_timestamp_is_metered_or_rejected_never_crashes(occurred_at: int) -> None:
+    """A hostile occurred_at must become a dead letter, never an unexpected exception."""
+    from core.validation import validate_usage
+
+    record = {
+        "event_id": "e",
+        "occurred_at": occurred_at,
+        "org_id": "o",
+        "plan": "TEAM",
+        "user_id": "u",
+        "seat_tier": "STANDARD",
+        "product": "CLAUDE",
+        "model": "claude-3-5-haiku-latest",
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "extra_usage": True,
+    }
+    with contextlib.suppress(RejectedEvent):
+        Meter(PRICES, {}, {}).process(validate_usage(record, NOV), offset=0)

@@ -1,0 +1,87 @@
+"""Fail-closed delivery for the worker's outputs (review finding: Faust drops send errors).
+
+Faust commits source offsets after ``producer.flush()``, but (faust-streaming 0.15):
+
+* a message whose delivery fails is only logged (``Topic._on_published``), so its source offset
+  is committed anyway and the output — a priced event, a dead letter, a re-routed event or a
+  table changelog write — is lost for good;
+* ``ProducerBuffer.flush`` (the queue behind every table changelog write) gives up after 0.1 s
+  without progress, so the commit can overtake changelog writes still queued.
+
+:class:`DeliveryGuard` closes both gaps without forking Faust. It tracks every future the
+worker produces (agent sends and changelog writes), makes the producer's ``flush`` drain the
+changelog queue completely and then wait for every tracked future, and ends the process
+(exit status 75, no commit) the moment any delivery fails. After the restart the uncommitted
+events are processed again; the at-least-once rules of :mod:`core.metering` make that exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXIT_DELIVERY_FAILED = 75  # EX_TEMPFAIL: a supervisor restarts the worker
+
+
+class DeliveryGuard:
+    """Tracks produced messages of one app and refuses to let a commit pass a lost one."""
+
+    def __init__(self) -> None:
+        self._pending: set[asyncio.Future[Any]] = set()
+        self._handing_off = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def track(self, future: asyncio.Future[Any]) -> None:
+        """Watch one produced message until it is acknowledged by the broker."""
+        self._pending.add(future)
+        future.add_done_callback(self._settled)
+
+    def _settled(self, future: asyncio.Future[Any]) -> None:
+        self._pending.discard(future)
+        failure = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if failure is not None:
+            log.critical(
+                "a produced message was not delivered (%r); exiting without committing so "
+                "the events are processed again",
+                failure,
+            )
+            logging.shutdown()
+            os._exit(EXIT_DELIVERY_FAILED)
+
+    def install(self, app: Any) -> None:
+        """Wrap ``app.producer`` (before the app starts)."""
+        producer = app.producer
+        buffer = producer.buffer
+        original_send_soon = producer.send_soon
+        original_send_pending = buffer._send_pending
+        original_flush = producer.flush
+
+        def send_soon(future: Any) -> None:
+            self.track(future)
+            original_send_soon(future)
+
+        async def send_pending(future: Any) -> None:
+            self._handing_off += 1
+            try:
+                await original_send_pending(future)
+            finally:
+                self._handing_off -= 1
+
+        async def flush() -> None:
+            while buffer.size or self._handing_off:
+                await buffer.flush()  # returns early when it sees no progress for 0.1 s
+                await asyncio.sleep(0)
+            await original_flush()
+            if self._pending:
+                await asyncio.wait(list(self._pending))
+
+        producer.send_soon = send_soon
+        buffer._send_pending = send_pending
+        producer.flush = flush
