@@ -1,4 +1,5 @@
-"""The sink loop: ``metering.priced`` (Kafka) -> batches -> ClickHouse, at least once.
+"""The sink loop: ``metering.priced`` (and the enforcement topics ``metering.pauses`` and
+``metering.billing``) -> batches -> ClickHouse, at least once.
 
 Runs in its own consumer group (``<app id>.sink``), either inside ``metering worker`` (when it
 owns the embedded store) or alone as ``metering sink``. Contract:
@@ -32,7 +33,7 @@ from sinks.port import PricedRow, Sink
 from streams import metrics
 from streams.codec import Codecs, record_to_priced
 from streams.kafka_config import aiokafka_config
-from streams.topics import PRICED
+from streams.topics import BILLING, PAUSES, PRICED
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,6 +88,8 @@ class SinkRunner:
         self._consumer: AIOKafkaConsumer | None = None
         self._oldest_pending: float | None = None
         self.stopping = asyncio.Event()
+        self._priced_topic = settings.topic(PRICED)
+        self._billing_topic = settings.topic(BILLING)
         self.rows_written = 0
 
     async def run(self) -> None:
@@ -101,7 +104,10 @@ class SinkRunner:
             max_partition_fetch_bytes=16 * 1024 * 1024,
         )
         self._consumer = consumer
-        consumer.subscribe([self.settings.topic(PRICED)], listener=_Rebalance(self))
+        consumer.subscribe(
+            [self._priced_topic, self.settings.topic(PAUSES), self._billing_topic],
+            listener=_Rebalance(self),
+        )
         await consumer.start()
         try:
             while not self.stopping.is_set():
@@ -116,6 +122,9 @@ class SinkRunner:
             await consumer.stop()
 
     def _buffer(self, tp: TopicPartition, messages: list[Any]) -> None:
+        if tp.topic != self._priced_topic:
+            self._buffer_enforcement(tp, messages)
+            return
         rows = []
         for message in messages:
             try:
@@ -132,6 +141,29 @@ class SinkRunner:
             rows.append(PricedRow(priced, partition, offset))
         if rows:
             self.sink.add(rows)
+            if self._oldest_pending is None:
+                self._oldest_pending = time.monotonic()
+        if messages:
+            self._offsets[tp] = messages[-1].offset + 1
+
+    def _buffer_enforcement(self, tp: TopicPartition, messages: list[Any]) -> None:
+        """PAUSE/RESUME (``metering.pauses``) and RELOAD_REQUESTED (``metering.billing``)
+        rows for ``metering.enforcement_log``."""
+        codec = self.codecs.billing if tp.topic == self._billing_topic else self.codecs.pause
+        records = []
+        for message in messages:
+            try:
+                records.append(codec.decode(message.value))
+            except MeteringError as exc:
+                metrics.SINK_UNREADABLE.inc()
+                raise SinkError(
+                    f"unreadable record at {tp.topic}[{tp.partition}]@{message.offset}: {exc}"
+                ) from None
+        if records:
+            try:
+                self.sink.add_enforcement(records, tp.partition)
+            except ValueError as exc:
+                raise SinkError(f"invalid enforcement record on {tp.topic}: {exc}") from None
             if self._oldest_pending is None:
                 self._oldest_pending = time.monotonic()
         if messages:

@@ -27,25 +27,49 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import faust
 from mode import Service
 
+from core.enforcement import (
+    Action,
+    ControlMessage,
+    Enforcer,
+    OrgPolicy,
+    PeriodTick,
+    SpendLookup,
+    Step,
+    describe,
+)
 from core.errors import RejectedEvent
 from core.metering import Meter, Status
 from core.pricing import PriceTable, default_price_table_path
 from core.settings import Settings, load_settings
+from core.totals import MonthTotals, org_key, user_key
 from core.validation import validate_usage
 from streams import metrics
 from streams.codec import Codecs, dead_letter_record, priced_to_record
+from streams.control import control_from_record
 from streams.delivery import DeliveryGuard
 from streams.kafka_config import faust_broker_config
-from streams.topics import DEAD_LETTER, PRICED, USAGE, ensure_topics, partition_for
+from streams.topics import (
+    BILLING,
+    CONTROL,
+    DEAD_LETTER,
+    PAUSES,
+    PRICED,
+    TABLES,
+    USAGE,
+    ensure_topics,
+    partition_for,
+)
 
 log = logging.getLogger(__name__)
 
+PERIOD_TICK_SECONDS = 60.0
 EXIT_BUG = 70  # EX_SOFTWARE: supervisor restarts us; the event was not acknowledged
 
 
@@ -62,6 +86,7 @@ class MeteringApp(faust.App):
     """A Faust app that creates the pipeline's topics before it subscribes to them."""
 
     metering_settings: Settings
+    metering_caps: Callable[[str], dict[str, Any] | None]
 
     async def on_first_start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(
@@ -107,8 +132,15 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         "value_serializer": "raw",
     }
     usage_topic = app.topic(usage_name, partitions=partitions, **raw)
+    control_name = settings.topic(CONTROL)
+    control_topic = app.topic(control_name, partitions=partitions, **raw)
+    # One agent reads both: an org's usage and control messages share a partition number and
+    # therefore one worker and one set of table partitions.
+    source_topics = app.topic(usage_name, control_name, partitions=partitions, **raw)
     priced_topic = app.topic(settings.topic(PRICED), partitions=partitions, **raw)
     dead_letter_topic = app.topic(settings.topic(DEAD_LETTER), partitions=partitions, **raw)
+    pauses_topic = app.topic(settings.topic(PAUSES), partitions=partitions, **raw)
+    billing_topic = app.topic(settings.topic(BILLING), partitions=partitions, **raw)
 
     seen = app.Table(
         "seen",
@@ -124,7 +156,27 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         key_type=str,
         help="calendar-month totals per org, seat tier and user",
     )
+    policies = app.Table(
+        "policies",
+        default=None,
+        partitions=partitions,
+        key_type=str,
+        help="org -> caps, balance and enforcement state (core.enforcement.OrgPolicy)",
+    )
+    org_index = app.Table(
+        "org_index",
+        default=None,
+        partitions=partitions,
+        key_type=str,
+        help="partition -> the orgs with a policy there (for the wall-clock period tick)",
+    )
+    if set(app.tables) != set(TABLES):  # ensure_topics pre-creates exactly these changelogs
+        raise RuntimeError(f"tables {sorted(app.tables)} differ from topics.TABLES {TABLES}")
     meter = Meter(prices, seen, totals)
+    enforcer = Enforcer(
+        grace_ms=int(settings.period_grace_seconds * 1000),
+        period_timer=settings.period_timer == "on",
+    )
     delivery = DeliveryGuard()
     delivery.install(app)
 
@@ -147,7 +199,96 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         delivery.track(sent)
         metrics.DEAD_LETTERS.labels(rejected.reason.value).inc()
 
+    def spend_of(org_id: str) -> SpendLookup:
+        def spend(period: str | None, user_id: str | None) -> int:
+            if period is None:
+                return 0
+            key = org_key(org_id, period) if user_id is None else user_key(org_id, period, user_id)
+            return MonthTotals.of(totals.get(key)).extra_cost_nano
+
+        return spend
+
+    def caps_of(org_id: str) -> dict[str, Any] | None:
+        """What this worker knows of an org's enforcement (``metering caps show``)."""
+        stored = policies.get(org_id)
+        if stored is None:
+            return None
+        return {"org_id": org_id, **describe(OrgPolicy.from_json(stored), spend_of(org_id))}
+
+    app.metering_caps = caps_of
+
+    def load_policy(org_id: str, partition: int) -> OrgPolicy:
+        stored = policies.get(org_id)
+        if stored is None:
+            index_key = str(partition)
+            known = org_index.get(index_key) or []
+            if org_id not in known:
+                org_index[index_key] = [*known, org_id]
+        return OrgPolicy.from_json(stored)
+
+    async def publish(step: Step, org_id: str, partition: int) -> None:
+        for enforcement_event in step.events:
+            billing = enforcement_event.action is Action.RELOAD_REQUESTED
+            topic = billing_topic if billing else pauses_topic
+            codec = codecs.billing if billing else codecs.pause
+            sent = await topic.send(
+                key=org_id.encode(),
+                value=codec.encode(enforcement_event.record()),
+                partition=partition,
+            )
+            delivery.track(sent)
+            metrics.ENFORCEMENT_EVENTS.labels(
+                enforcement_event.action.value, enforcement_event.reason.value
+            ).inc()
+
+    async def enforce_usage(priced: Any, message: Any, now_ms: int) -> None:
+        org_id = priced.event.org_id
+        policy = load_policy(org_id, message.partition)
+        step = enforcer.on_usage(policy, priced, message.offset, spend_of(org_id), now_ms)
+        if step.changed:
+            policies[org_id] = step.policy.to_json()
+        await publish(step, org_id, message.partition)
+
+    async def apply_control(control: ControlMessage, message: Any, now_ms: int) -> None:
+        org_id = control.org_id
+        policy = load_policy(org_id, message.partition)
+        step = enforcer.on_control(policy, control, message.offset, spend_of(org_id), now_ms)
+        policies[org_id] = step.policy.to_json()
+        await publish(step, org_id, message.partition)
+
+    async def handle_control(message: Any) -> None:
+        now_ms = int(time.time() * 1000)
+        try:
+            control = control_from_record(codecs.control.decode(message.value))
+        except RejectedEvent as rejected:
+            await dead_letter(rejected, message, now_ms)
+            return
+        if isinstance(control.command, PeriodTick) and not control.org_id:
+            # A partition-wide tick from the period timer: every org of this partition.
+            for org_id in org_index.get(str(message.partition)) or []:
+                org_control = ControlMessage(
+                    control.message_id, org_id, control.issued_at_ms, control.command
+                )
+                await apply_control(org_control, message, now_ms)
+            return
+        home = partition_for(control.org_id, partitions)
+        if home != message.partition:
+            delivery.track(
+                await control_topic.send(
+                    key=control.org_id.encode(), value=message.value, partition=home
+                )
+            )
+            metrics.REROUTED.inc()
+            return
+        try:
+            await apply_control(control, message, now_ms)
+        except RejectedEvent as rejected:
+            await dead_letter(rejected, message, now_ms)
+
     async def handle(message: Any) -> None:
+        if message.topic == control_name:
+            await handle_control(message)
+            return
         now_ms = int(time.time() * 1000)
         metrics.EVENTS_IN.inc()
         try:
@@ -186,8 +327,26 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             partition=message.partition,
         )
         delivery.track(sent)
+        await enforce_usage(outcome.priced, message, now_ms)
 
-    @app.agent(usage_topic, concurrency=1, name="meter_usage")
+    if settings.period_timer == "on":
+
+        @app.timer(PERIOD_TICK_SECONDS, on_leader=True)
+        async def period_tick() -> None:
+            """Deliver the wall clock to every partition (timers cannot write tables)."""
+            now_ms = int(time.time() * 1000)
+            for partition in range(partitions):
+                record = {
+                    "message_id": f"tick:{now_ms}:{partition}",
+                    "org_id": "",
+                    "issued_at": now_ms,
+                    "command": ("PeriodTick", {"wall_clock_ms": now_ms}),
+                }
+                await control_topic.send(
+                    key=None, value=codecs.control.encode(record), partition=partition
+                )
+
+    @app.agent(source_topics, concurrency=1, name="meter_usage")
     async def meter_usage(stream: faust.StreamT) -> None:
         async for event in stream.events():
             try:

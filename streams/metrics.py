@@ -20,3 +20,8 @@ SINK_FLUSH_FAILURES = Counter("metering_sink_flush_failures_total", "Failed Clic
 SINK_UNREADABLE = Counter("metering_sink_unreadable_total", "Unreadable records on metering.priced")
 SINK_FLUSH_SECONDS = Histogram("metering_sink_flush_seconds", "Duration of one ClickHouse write")
 SINK_OWNER = Gauge("metering_sink_in_process", "1 when this process runs the ClickHouse sink")
+ENFORCEMENT_EVENTS = Counter(
+    "metering_enforcement_events_total",
+    "PAUSE, RESUME and RELOAD_REQUESTED emitted",
+    ["action", "reason"],
+)

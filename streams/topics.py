@@ -60,6 +60,14 @@ def partition_for(org_id: str, partitions: int) -> int:
     return (murmur2(org_id.encode()) & 0x7FFFFFFF) % partitions
 
 
+TABLES: tuple[str, ...] = ("seen", "totals", "policies", "org_index")
+"""The worker's Faust tables; their changelogs are ``<app id>-<table>-changelog``."""
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    return f"{settings.app_id}-{table}-changelog"
+
+
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     """Create the missing topics and check the existing ones; returns the names created.
 
@@ -82,8 +90,14 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
     existing = metadata.topics
     problems: list[str] = []
     wanted: list[NewTopic] = []
-    for spec in TOPICS:
-        name = settings.topic(spec.name)
+    # Changelogs are created here too, before the worker joins its group: Faust checks their
+    # partition count against a metadata snapshot taken at the join, and a changelog it has
+    # only just created itself can appear there with 0 partitions (PartitionsMismatch).
+    specs = [(settings.topic(spec.name), spec) for spec in TOPICS] + [
+        (changelog_topic(settings, table), TopicSpec(table, UNLIMITED, True, compacted=True))
+        for table in TABLES
+    ]
+    for name, spec in specs:
         if name in existing:
             count = len(existing[name].partitions)
             if spec.co_partitioned and count != settings.partitions:
@@ -92,9 +106,11 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
                     f"{settings.partitions}"
                 )
             continue
-        config = {"retention.ms": str(spec.retention_ms)}
-        if spec.compacted:
-            config["cleanup.policy"] = "compact"
+        config = (
+            {"cleanup.policy": "compact"}
+            if spec.compacted
+            else {"retention.ms": str(spec.retention_ms)}
+        )
         if settings.replication_factor > 1:
             config["min.insync.replicas"] = str(min(2, settings.replication_factor))
         wanted.append(

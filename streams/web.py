@@ -2,6 +2,8 @@
 
 * ``GET /metrics`` — Prometheus metrics.
 * ``GET /metering/health`` — liveness and whether this process owns the store.
+* ``GET /metering/caps?org=ORG`` — (worker) enforcement state of one org as this worker sees
+  it: :func:`core.enforcement.describe` (404 when it has none).
 * ``POST /metering/query`` — ``{"query", "args"}``: one named read query
   (:mod:`sinks.queries`) against the store this process owns — the CLI's read path while chDB
   is held by this process. No SQL is accepted.
@@ -81,6 +83,20 @@ def register_pages(app: Any, settings: Settings) -> None:
     class Health(View):
         async def get(self, request: Request) -> Response:
             return respond(self, await health_reply())
+
+    @app.page("/metering/caps")
+    class Caps(View):
+        async def get(self, request: Request) -> Response:
+            org_id = request.query.get("org", "")
+            if not org_id:
+                return respond(self, _error(400, "give ?org=ORG"))
+            caps = app.metering_caps(org_id)
+            if caps is None:
+                return respond(
+                    self,
+                    _error(404, f"this worker has no enforcement state for org {org_id!r}"),
+                )
+            return respond(self, (200, json.dumps(caps).encode(), JSON))
 
     @app.page(QUERY_PATH)
     class Query(View):
