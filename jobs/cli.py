@@ -512,6 +512,15 @@ def demo(
     out.print(f"demo finished in {time.monotonic() - started:.1f}s")
 
 
+def _register_enforcement_commands() -> None:
+    from jobs.enforcement_cli import register
+
+    register(cli)
+
+
+_register_enforcement_commands()
+
+
 def main() -> None:
     """Console-script entry point: one line for expected errors, tracebacks only for bugs."""
     from typer._click.exceptions import ClickException, NoArgsIsHelpError

@@ -139,3 +139,62 @@ def build(name: str, args: Mapping[str, Any]) -> Query:
     except TypeError as exc:
         raise ValueError(f"{name}: {exc}") from None
     return builder(**converted)
+
+
+# -- Enterprise monthly statement (``metering invoice``) -------------------------------------
+# Only extra-usage events are billed after the month (SPEC §5); the three queries read the same
+# rows, so the statement's total equals the sum of its lines (``jobs/invoice.py`` checks that).
+
+_EXTRA_FILTER = f"{_PE_FILTER} AND e.extra_usage = 1"
+
+
+def invoice_by_member(org_id: str, month: date) -> Query:
+    """Extra usage per member in a month: requests and extra cost, biggest first. The tier is
+    the member's tier on their newest extra-usage request of the month."""
+    sql = (
+        "SELECT e.user_id AS user_id, argMax(e.seat_tier, e.occurred_at) AS seat_tier,"
+        " count() AS requests, sum(e.cost_usd) AS extra_cost_usd"
+        f" FROM metering.priced_events AS e WHERE {_EXTRA_FILTER}"
+        " GROUP BY e.user_id ORDER BY extra_cost_usd DESC, user_id"
+    )
+    return sql, {"org": org_id, **_month_range(month)}
+
+
+def invoice_by_model(org_id: str, month: date) -> Query:
+    """Extra usage per model family in a month: requests, the four token sums, extra cost."""
+    sql = (
+        "SELECT e.model_family AS model_family, count() AS requests,"
+        " sum(e.input_tokens) AS input_tokens, sum(e.output_tokens) AS output_tokens,"
+        " sum(e.cache_creation_input_tokens) AS cache_creation_input_tokens,"
+        " sum(e.cache_read_input_tokens) AS cache_read_input_tokens,"
+        " sum(e.cost_usd) AS extra_cost_usd"
+        f" FROM metering.priced_events AS e WHERE {_EXTRA_FILTER}"
+        " GROUP BY e.model_family ORDER BY extra_cost_usd DESC, model_family"
+    )
+    return sql, {"org": org_id, **_month_range(month)}
+
+
+def invoice_total(org_id: str, month: date) -> Query:
+    """One row (zeros when there is no extra usage): requests and extra cost of the month."""
+    sql = (
+        "SELECT count() AS requests, sum(e.cost_usd) AS extra_cost_usd"
+        f" FROM metering.priced_events AS e WHERE {_EXTRA_FILTER}"
+    )
+    return sql, {"org": org_id, **_month_range(month)}
+
+
+def org_plan(org_id: str) -> Query:
+    """The plan of the organisation's newest priced event: one row, or none for an org the
+    store has never seen."""
+    sql = (
+        "SELECT e.plan AS plan, e.occurred_at AS occurred_at"
+        " FROM metering.priced_events AS e WHERE e.org_id = {org:String}"
+        " ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT 1"
+    )
+    return sql, {"org": org_id}
+
+
+NAMED_QUERIES["invoice_by_member"] = invoice_by_member
+NAMED_QUERIES["invoice_by_model"] = invoice_by_model
+NAMED_QUERIES["invoice_total"] = invoice_total
+NAMED_QUERIES["org_plan"] = org_plan
