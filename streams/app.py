@@ -70,6 +70,7 @@ from streams.topics import (
 log = logging.getLogger(__name__)
 
 PERIOD_TICK_SECONDS = 60.0
+POLICY_CACHE_SIZE = 10_000
 EXIT_BUG = 70  # EX_SOFTWARE: supervisor restarts us; the event was not acknowledged
 
 
@@ -217,14 +218,33 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
 
     app.metering_caps = caps_of
 
+    # Decoded policies of the orgs this worker meters. The agent is the only writer of the
+    # policies table, so the cache is exact while partitions stay here; any rebalance empties
+    # it, and an input the core rejects evicts its org (the core may have half-applied it).
+    policy_cache: dict[str, OrgPolicy] = {}
+
+    @app.on_partitions_revoked.connect
+    async def forget_policies(*_: Any, **__: Any) -> None:
+        policy_cache.clear()
+
+    @app.on_partitions_assigned.connect
+    async def forget_policies_again(*_: Any, **__: Any) -> None:
+        policy_cache.clear()
+
     def load_policy(org_id: str, partition: int) -> OrgPolicy:
+        cached = policy_cache.get(org_id)
+        if cached is not None:
+            return cached
         stored = policies.get(org_id)
         if stored is None:
             index_key = str(partition)
             known = org_index.get(index_key) or []
             if org_id not in known:
                 org_index[index_key] = [*known, org_id]
-        return OrgPolicy.from_json(stored)
+        if len(policy_cache) >= POLICY_CACHE_SIZE:
+            policy_cache.pop(next(iter(policy_cache)))
+        policy = policy_cache[org_id] = OrgPolicy.from_json(stored)
+        return policy
 
     async def publish(step: Step, org_id: str, partition: int) -> None:
         for enforcement_event in step.events:
@@ -283,6 +303,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         try:
             await apply_control(control, message, now_ms)
         except RejectedEvent as rejected:
+            policy_cache.pop(control.org_id, None)
             await dead_letter(rejected, message, now_ms)
 
     async def handle(message: Any) -> None:

@@ -6,11 +6,13 @@ Faust commits source offsets after ``producer.flush()``, but (faust-streaming 0.
   is committed anyway and the output — a priced event, a dead letter, a re-routed event or a
   table changelog write — is lost for good;
 * ``ProducerBuffer.flush`` (the queue behind every table changelog write) gives up after 0.1 s
-  without progress, so the commit can overtake changelog writes still queued.
+  without progress, so the commit can overtake changelog writes still queued; and under
+  sustained load it waits for a buffer that never empties, starving commits.
 
 :class:`DeliveryGuard` closes both gaps without forking Faust. It tracks every future the
-worker produces (agent sends and changelog writes), makes the producer's ``flush`` drain the
-changelog queue completely and then wait for every tracked future, and ends the process
+worker produces (agent sends and changelog writes), makes the producer's ``flush`` wait until
+every message produced before the flush began has been handed to the Kafka client and
+acknowledged, and ends the process
 (exit status 75, no commit) the moment any delivery fails. After the restart the uncommitted
 events are processed again; the at-least-once rules of :mod:`core.metering` make that exact.
 """
@@ -32,7 +34,9 @@ class DeliveryGuard:
 
     def __init__(self) -> None:
         self._pending: set[asyncio.Future[Any]] = set()
-        self._handing_off = 0
+        self._enqueued = 0  # changelog writes put in Faust's buffer
+        self._handed = 0  # ... of which handed to the Kafka client
+        self._progress = asyncio.Event()
 
     @property
     def pending(self) -> int:
@@ -61,26 +65,33 @@ class DeliveryGuard:
         buffer = producer.buffer
         original_send_soon = producer.send_soon
         original_send_pending = buffer._send_pending
-        original_flush = producer.flush
 
         def send_soon(future: Any) -> None:
             self.track(future)
+            self._enqueued += 1
             original_send_soon(future)
 
         async def send_pending(future: Any) -> None:
-            self._handing_off += 1
             try:
                 await original_send_pending(future)
             finally:
-                self._handing_off -= 1
+                self._handed += 1
+                self._progress.set()
 
         async def flush() -> None:
-            while buffer.size or self._handing_off:
-                await buffer.flush()  # returns early when it sees no progress for 0.1 s
-                await asyncio.sleep(0)
-            await original_flush()
-            if self._pending:
-                await asyncio.wait(list(self._pending))
+            """Wait for everything produced *before* this call; later sends are not waited
+            for, so a commit under sustained load is never starved (Faust's own flush loops
+            until its buffer is empty, which under load may be never)."""
+            target = self._enqueued
+            waiting = list(self._pending)
+            while self._handed < target:
+                self._progress.clear()
+                await self._progress.wait()
+            client = getattr(producer, "_producer", None)
+            if client is not None:
+                await client.flush()  # the Kafka client's batches, not Faust's buffer
+            if waiting:
+                await asyncio.wait(waiting)
 
         producer.send_soon = send_soon
         buffer._send_pending = send_pending

@@ -139,7 +139,34 @@ def test_worker_meters_generated_load_exactly(deployment: Deployment) -> None:
         assert letter["source_offset"] >= 0 and letter["detail"]
         assert len(letter["original_sha256"]) == 64
 
+    assert_invoice_matches(deployment, expected)
     assert worker.terminate() == 0, worker.log()[-3000:]
+
+
+def assert_invoice_matches(deployment: Deployment, expected: Expected) -> None:
+    """The Enterprise statement equals the extra-usage line items to the nano-USD."""
+    import json
+
+    extra: dict[tuple[str, str], dict[str, Decimal]] = {}
+    for row in expected.priced_events.values():
+        if row["plan"] == "ENTERPRISE" and row["extra_usage"]:
+            month = row["occurred_at"].strftime("%Y-%m")
+            members = extra.setdefault((row["org_id"], month), {})
+            members[row["user_id"]] = members.get(row["user_id"], Decimal(0)) + row["cost_usd"]
+    org, month = max(extra, key=lambda k: sum(extra[k].values()))
+    result = deployment.metering("invoice", "--org", org, "--month", month, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    statement = json.loads(result.stdout)
+    assert Decimal(statement["total"]["extra_cost_usd"]) == sum(extra[(org, month)].values())
+    assert {m["user_id"]: Decimal(m["extra_cost_usd"]) for m in statement["members"]} == {
+        user: cost for user, cost in extra[(org, month)].items()
+    }
+    by_model = sum(Decimal(m["extra_cost_usd"]) for m in statement["models"])
+    assert by_model == Decimal(statement["total"]["extra_cost_usd"])
+    csv = deployment.metering("invoice", "--org", org, "--month", month)
+    assert csv.returncode == 0 and csv.stdout.count("\n") == 2 + len(statement["members"]) + len(
+        statement["models"]
+    ), csv.stdout
 
 
 def test_events_keyed_to_the_wrong_partition_are_rerouted_not_lost(

@@ -23,6 +23,7 @@ is emitted once per downward crossing of the threshold (or on enabling at or bel
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -54,7 +55,8 @@ TIERS = ("STANDARD", "PREMIUM")
 FIRST_MONTH = (2026, 1)
 GRACE_MS = 3_600_000
 ORG_ID = "org-p"
-ORG = ("ORG", None)  # scope keys: ("ORG", None) and ("USER", user_id)
+Scope = tuple[str, str | None]  # ("ORG", None) or ("USER", user_id)
+ORG: Scope = ("ORG", None)
 
 # -- inputs ---------------------------------------------------------------------------------
 
@@ -101,7 +103,7 @@ usages = st.builds(
     tier=weighted((3, st.just("STANDARD")), (1, st.just("PREMIUM"))),
     cost=st.sampled_from([0, UNIT // 2, UNIT, 2 * UNIT, 3 * UNIT]),
     extra=weighted((4, st.just(True)), (1, st.just(False))),
-    when=weighted((14, st.just("now")), (1, st.just("newer")), (1, st.just("late"))),
+    when=weighted((12, st.just("now")), (1, st.just("newer")), (3, st.just("late"))),
 )
 set_caps = st.one_of(
     st.builds(lambda limit: SetCap("ORG", limit), cap_limit),
@@ -193,6 +195,7 @@ class Model:
     topups: int = 0
     team_extra: int = 0  # cumulative extra cost of a Team org, every month, late ones too
     reload: tuple[int, int] | None = None
+    # extra cost per (YYYY-MM, user), and per (YYYY-MM, None) for the whole org
     totals: dict[tuple[str, str | None], int] = field(default_factory=dict)
 
     @property
@@ -219,30 +222,27 @@ class Model:
         spend = self.spend(user)
         if user in self.disabled:
             return View(True, "USER", spend, 0)
-        caps: list[tuple[int, int, str]] = []
-        if self.user_caps.get(user) is not None:
-            caps.append((self.user_caps[user], 0, "USER"))  # type: ignore[arg-type]
-        tier = self.tiers.get(user)
-        if self.plan == "ENTERPRISE" and tier and self.tier_caps.get(tier) is not None:
-            caps.append((self.tier_caps[tier], 1, "SEAT_TIER"))  # type: ignore[arg-type]
+        caps: list[tuple[int, int, str]] = []  # (limit, USER before SEAT_TIER on a tie, source)
+        user_cap = self.user_caps.get(user)
+        if user_cap is not None:
+            caps.append((user_cap, 0, "USER"))
+        tier = self.tiers.get(user)  # the current tier; only Enterprise orgs have tier caps
+        tier_cap = self.tier_caps.get(tier) if tier and self.plan == "ENTERPRISE" else None
+        if tier_cap is not None:
+            caps.append((tier_cap, 1, "SEAT_TIER"))
         if not caps:
             return View(False, None, spend, None)
         limit, _, source = min(caps)
         return View(spend >= limit, source, spend, limit)
 
-    def view(self, scope: tuple[str, str | None]) -> View:
+    def view(self, scope: Scope) -> View:
         return self.org_view() if scope[1] is None else self.user_view(scope[1])
 
     def copy(self) -> Model:
-        return Model(
-            **{
-                name: (type(value)(value) if isinstance(value, dict | set) else value)
-                for name, value in vars(self).items()
-            }
-        )
+        return copy.deepcopy(self)
 
 
-def state_of(policy: OrgPolicy, scope: tuple[str, str | None]) -> bool:
+def state_of(policy: OrgPolicy, scope: Scope) -> bool:
     if scope[1] is None:
         return policy.paused
     member = policy.members.get(scope[1])
@@ -253,7 +253,7 @@ def snapshot(policy: OrgPolicy) -> str:
     return json.dumps(policy.to_json(), sort_keys=True)
 
 
-SCOPES: tuple[tuple[str, str | None], ...] = (ORG, *(("USER", user) for user in USERS))
+SCOPES: tuple[Scope, ...] = (ORG, *(("USER", user) for user in USERS))
 
 # -- the run ----------------------------------------------------------------------------------
 
@@ -308,7 +308,7 @@ class Run:
         else:
             self.control(item, before, prior)
 
-    def usage(self, item: Usage, prior: dict) -> None:
+    def usage(self, item: Usage, prior: dict[Scope, bool]) -> None:
         model = self.model
         month = model.period or FIRST_MONTH
         if model.period is not None and item.when != "now":
@@ -348,9 +348,8 @@ class Run:
         self.sent.append(Sent("usage", offset, priced, step.events))
         assert not step.redelivered
 
-        crossing = (
-            model.reload is not None and extra > 0 and model.plan == "TEAM"
-        ) and balance_before > model.reload[0] >= model.balance
+        threshold = model.reload[0] if model.reload else None
+        crossing = threshold is not None and balance_before > threshold >= model.balance
         self.check_reloads(step.events, 1 if crossing else 0)
         if late:
             # (c) late events never pause or resume anyone
@@ -363,9 +362,11 @@ class Run:
         pause = {"CAP_REACHED", "BALANCE_EXHAUSTED"}
         resume = {"CAP_RAISED", "PERIOD_RESET"} if rollover else {"CAP_RAISED"}
         scopes = set(SCOPES) if rollover else {ORG, ("USER", item.user)}
-        self.check_step(step, prior, scopes, pause, resume, org_concerned=True, pre=pre)
+        self.check_step(
+            step, prior, scopes, pause, resume, org_concerned=True, pre=pre if rollover else None
+        )
 
-    def control(self, item: Control | Tick, before: str, prior: dict) -> None:
+    def control(self, item: Control | Tick, before: str, prior: dict[Scope, bool]) -> None:
         model = self.model
         if isinstance(item, Tick):
             base = model.period or FIRST_MONTH
@@ -395,7 +396,7 @@ class Run:
         org_concerned = False
         pause: set[str] = set()
         resume: set[str] = set()
-        scopes: set[tuple[str, str | None]] = set()
+        scopes: set[Scope] = set()
         if isinstance(command, SetCap):
             if command.scope == "ORG":
                 model.org_cap = command.limit_nano
@@ -470,8 +471,8 @@ class Run:
     def check_step(
         self,
         step: Step,
-        prior: dict,
-        scopes: set[tuple[str, str | None]],
+        prior: dict[Scope, bool],
+        scopes: set[Scope],
         pause: set[str],
         resume: set[str],
         *,
