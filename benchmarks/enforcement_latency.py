@@ -18,24 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from benchmarks.harness import REPO, start_deployment
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -116,37 +107,14 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args()
 
-    from core.settings import Settings
     from jobs.control import ControlProducer
-    from jobs.kafka_local import KafkaLocal, default_cache_dir
     from jobs.producer import UsageProducer
     from streams.codec import Codecs
-    from streams.topics import PAUSES, ensure_topics
+    from streams.topics import PAUSES
 
-    workdir = Path(tempfile.mkdtemp(prefix="metering-bench-"))
-    bootstrap = f"127.0.0.1:{_free_port()}"
-    kafka = KafkaLocal(data_dir=workdir, bootstrap=bootstrap, cache_dir=default_cache_dir())
-    kafka.start(timeout=180)
-    env_settings = {
-        "METERING_KAFKA_BOOTSTRAP": bootstrap,
-        "METERING_DATA_DIR": str(workdir / "data"),
-        "METERING_APP_ID": "bench",
-        "METERING_TOPIC_PREFIX": "bench.",
-        "METERING_PARTITIONS": str(args.partitions),
-        "METERING_WEB_PORT": str(_free_port()),
-    }
-    settings = Settings(
-        **{
-            k.removeprefix("METERING_").lower(): v  # type: ignore[arg-type]
-            for k, v in env_settings.items()
-        }
-    )
-    ensure_topics(settings)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("METERING_")},
-        **env_settings,
-        "PYTHONPATH": str(REPO),
-    }
+    deployment = start_deployment(args.partitions)
+    workdir, kafka, settings = deployment.workdir, deployment.kafka, deployment.settings
+    env = deployment.process_env
     log = (workdir / "worker.log").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", "worker", "--no-sink"],

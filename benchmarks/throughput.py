@@ -18,21 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from benchmarks.harness import REPO, start_deployment
 
 
 def ceiling(settings: object, events: int) -> float:
@@ -74,34 +65,15 @@ def main() -> None:
     parser.add_argument("--no-sink", action="store_true")
     args = parser.parse_args()
 
-    from core.settings import Settings
     from jobs.generate import GeneratorConfig, generate
-    from jobs.kafka_local import KafkaLocal, default_cache_dir
     from jobs.producer import UsageProducer
     from jobs.progress import group_position
-    from streams.topics import USAGE, ensure_topics
+    from streams.topics import USAGE
 
-    workdir = Path(tempfile.mkdtemp(prefix="metering-bench-"))
-    bootstrap = f"127.0.0.1:{_free_port()}"
-    kafka = KafkaLocal(data_dir=workdir, bootstrap=bootstrap, cache_dir=default_cache_dir())
-    kafka.start(timeout=180)
-    env_settings = {
-        "METERING_KAFKA_BOOTSTRAP": bootstrap,
-        "METERING_DATA_DIR": str(workdir / "data"),
-        "METERING_APP_ID": "bench",
-        "METERING_TOPIC_PREFIX": "bench.",
-        "METERING_PARTITIONS": str(args.partitions),
-        "METERING_WEB_PORT": str(_free_port()),
-    }
-    settings = Settings(
-        **{
-            k.removeprefix("METERING_").lower(): v  # type: ignore[arg-type]
-            for k, v in env_settings.items()
-        }
-    )
+    deployment = start_deployment(args.partitions)
+    workdir, kafka, settings = deployment.workdir, deployment.kafka, deployment.settings
     worker = None
     try:
-        ensure_topics(settings)
         producer = UsageProducer(settings)
         config = GeneratorConfig(
             events=args.events, orgs=200, users=20_000, bad_fraction=0.0, duplicate_fraction=0.0
@@ -113,11 +85,7 @@ def main() -> None:
         ceiling_rate = ceiling(settings, args.events)
         print(f"ceiling (decode only): {ceiling_rate:,.0f} events/s", flush=True)
 
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("METERING_")},
-            **env_settings,
-            "PYTHONPATH": str(REPO),
-        }
+        env = deployment.process_env
         command = [sys.executable, "-m", "jobs.cli", "worker"]
         if args.no_sink:
             command.append("--no-sink")

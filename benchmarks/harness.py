@@ -1,0 +1,59 @@
+"""What every benchmark needs: its own broker on free ports and a deployment's settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class BenchDeployment:
+    """A started local Kafka, the ``METERING_*`` variables of a worker, and its settings."""
+
+    workdir: Path
+    kafka: Any
+    env_settings: dict[str, str]
+    settings: Any
+
+    @property
+    def process_env(self) -> dict[str, str]:
+        """The environment for a worker subprocess of this deployment."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+        return {**inherited, **self.env_settings, "PYTHONPATH": str(REPO)}
+
+
+def start_deployment(partitions: int) -> BenchDeployment:
+    """Start Kafka in a temporary dir (stop it with ``deployment.kafka.stop()``)."""
+    from core.settings import Settings
+    from jobs.kafka_local import KafkaLocal, default_cache_dir
+    from streams.topics import ensure_topics
+
+    workdir = Path(tempfile.mkdtemp(prefix="metering-bench-"))
+    bootstrap = f"127.0.0.1:{free_port()}"
+    kafka = KafkaLocal(data_dir=workdir, bootstrap=bootstrap, cache_dir=default_cache_dir())
+    kafka.start(timeout=180)
+    env_settings = {
+        "METERING_KAFKA_BOOTSTRAP": bootstrap,
+        "METERING_DATA_DIR": str(workdir / "data"),
+        "METERING_APP_ID": "bench",
+        "METERING_TOPIC_PREFIX": "bench.",
+        "METERING_PARTITIONS": str(partitions),
+        "METERING_WEB_PORT": str(free_port()),
+    }
+    settings = Settings(
+        **{k.removeprefix("METERING_").lower(): v for k, v in env_settings.items()}  # type: ignore[arg-type]
+    )
+    ensure_topics(settings)
+    return BenchDeployment(workdir, kafka, env_settings, settings)
