@@ -94,10 +94,17 @@ class Meter:
         record = self.seen.get(key)
         if record is not None and record[0] != offset:
             return Outcome(Status.DUPLICATE, None, period)
+        org = event.org_id
+        total_keys = (
+            org_key(org, period),
+            tier_key(org, period, event.seat_tier.value),
+            user_key(org, period, event.user_id),
+        )
+        org_total = self.totals.get(total_keys[0])  # read once: headroom check and update
         if record is None:
             price = self.prices.price(event.model, event.usage, event.occurred_at_ms)
             check_cost(price.cost_nano)
-            self._check_headroom(event, price.cost_nano, period)
+            _check_headroom(org_total, event, price.cost_nano, period)
             status = Status.APPLIED
             self.seen[key] = [
                 offset,
@@ -112,13 +119,8 @@ class Meter:
             status = Status.REDELIVERED
             self.seen[key] = record
         priced = PricedEvent(event, price)
-        org = event.org_id
-        for total_key in (
-            org_key(org, period),
-            tier_key(org, period, event.seat_tier.value),
-            user_key(org, period, event.user_id),
-        ):
-            current = self.totals.get(total_key)
+        for total_key in total_keys:
+            current = org_total if total_key is total_keys[0] else self.totals.get(total_key)
             updated = apply_event(current, priced, offset)
             if updated is None:
                 status = Status.REDELIVERED
@@ -127,22 +129,24 @@ class Meter:
                 self.totals[total_key] = updated
         return Outcome(status, priced, period)
 
-    def _check_headroom(self, event: UsageEvent, cost_nano: int, period: str) -> None:
-        """Refuse an event that would overflow its organisation's month (the largest total)."""
-        total = self.totals.get(org_key(event.org_id, period))
-        if total is None:
-            return
-        usage = event.usage
-        additions = (
-            (COST, cost_nano),
-            (INPUT, usage.input_tokens),
-            (OUTPUT, usage.output_tokens),
-            (CACHE_WRITE, usage.cache_creation_input_tokens),
-            (CACHE_READ, usage.cache_read_input_tokens),
-        )
-        for index, amount in additions:
-            if total[index] + amount > MAX_TOTAL:
-                raise RejectedEvent(
-                    DeadLetterReason.OUT_OF_RANGE,
-                    f"the organisation's {period} total would exceed a 64-bit integer",
-                )
+
+def _check_headroom(
+    total: list[int] | None, event: UsageEvent, cost_nano: int, period: str
+) -> None:
+    """Refuse an event that would overflow its organisation's month (the largest total)."""
+    if total is None:
+        return
+    usage = event.usage
+    additions = (
+        (COST, cost_nano),
+        (INPUT, usage.input_tokens),
+        (OUTPUT, usage.output_tokens),
+        (CACHE_WRITE, usage.cache_creation_input_tokens),
+        (CACHE_READ, usage.cache_read_input_tokens),
+    )
+    for index, amount in additions:
+        if total[index] + amount > MAX_TOTAL:
+            raise RejectedEvent(
+                DeadLetterReason.OUT_OF_RANGE,
+                f"the organisation's {period} total would exceed a 64-bit integer",
+            )

@@ -143,36 +143,12 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     pauses_topic = app.topic(settings.topic(PAUSES), partitions=partitions, **raw)
     billing_topic = app.topic(settings.topic(BILLING), partitions=partitions, **raw)
 
-    seen = app.Table(
-        "seen",
-        default=None,
-        partitions=partitions,
-        key_type=str,
-        help="(org, event_id) -> first offset and price",
-    )
-    totals = app.Table(
-        "totals",
-        default=None,
-        partitions=partitions,
-        key_type=str,
-        help="calendar-month totals per org, seat tier and user",
-    )
-    policies = app.Table(
-        "policies",
-        default=None,
-        partitions=partitions,
-        key_type=str,
-        help="org -> caps, balance and enforcement state (core.enforcement.OrgPolicy)",
-    )
-    org_index = app.Table(
-        "org_index",
-        default=None,
-        partitions=partitions,
-        key_type=str,
-        help="partition -> the orgs with a policy there (for the wall-clock period tick)",
-    )
-    if set(app.tables) != set(TABLES):  # ensure_topics pre-creates exactly these changelogs
-        raise RuntimeError(f"tables {sorted(app.tables)} differ from topics.TABLES {TABLES}")
+    tables = {
+        name: app.Table(name, default=None, partitions=partitions, key_type=str, help=text)
+        for name, text in TABLES.items()
+    }
+    seen, totals = tables["seen"], tables["totals"]
+    policies, org_index = tables["policies"], tables["org_index"]
     meter = Meter(prices, seen, totals)
     enforcer = Enforcer(
         grace_ms=int(settings.period_grace_seconds * 1000),
@@ -199,6 +175,16 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         )
         delivery.track(sent)
         metrics.DEAD_LETTERS.labels(rejected.reason.value).inc()
+
+    async def rerouted(topic: Any, org_id: str, message: Any) -> bool:
+        """Forward a message found off its org's partition (keyed wrongly by its producer)
+        to that partition, where the org's state lives; True when it was forwarded."""
+        home = partition_for(org_id, partitions)
+        if home == message.partition:
+            return False
+        delivery.track(await topic.send(key=org_id.encode(), value=message.value, partition=home))
+        metrics.REROUTED.inc()
+        return True
 
     def spend_of(org_id: str) -> SpendLookup:
         def spend(period: str | None, user_id: str | None) -> int:
@@ -291,14 +277,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
                 )
                 await apply_control(org_control, message, now_ms)
             return
-        home = partition_for(control.org_id, partitions)
-        if home != message.partition:
-            delivery.track(
-                await control_topic.send(
-                    key=control.org_id.encode(), value=message.value, partition=home
-                )
-            )
-            metrics.REROUTED.inc()
+        if await rerouted(control_topic, control.org_id, message):
             return
         try:
             await apply_control(control, message, now_ms)
@@ -317,15 +296,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         except RejectedEvent as rejected:
             await dead_letter(rejected, message, now_ms)
             return
-        home = partition_for(event.org_id, partitions)
-        if home != message.partition:
-            # Keyed wrongly by its producer: meter it where its org's state lives.
-            delivery.track(
-                await usage_topic.send(
-                    key=event.org_id.encode(), value=message.value, partition=home
-                )
-            )
-            metrics.REROUTED.inc()
+        if await rerouted(usage_topic, event.org_id, message):
             return
         try:
             outcome = meter.process(event, message.offset)

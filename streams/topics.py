@@ -60,8 +60,14 @@ def partition_for(org_id: str, partitions: int) -> int:
     return (murmur2(org_id.encode()) & 0x7FFFFFFF) % partitions
 
 
-TABLES: tuple[str, ...] = ("seen", "totals", "policies", "org_index")
-"""The worker's Faust tables; their changelogs are ``<app id>-<table>-changelog``."""
+TABLES: dict[str, str] = {
+    "seen": "(org, event_id) -> first offset and price",
+    "totals": "calendar-month totals per org, seat tier and user",
+    "policies": "org -> caps, balance and enforcement state (core.enforcement.OrgPolicy)",
+    "org_index": "partition -> the orgs with a policy there (for the wall-clock period tick)",
+}
+"""The worker's Faust tables (name -> help); changelogs are ``<app id>-<table>-changelog``.
+The worker creates exactly these, so :func:`ensure_topics` can pre-create their changelogs."""
 
 
 def changelog_topic(settings: Settings, table: str) -> str:
