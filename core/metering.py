@@ -20,9 +20,9 @@ apart by the ``seen`` record of ``(org_id, event_id)``:
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import orjson
 
@@ -59,6 +59,14 @@ class Outcome:
     period: str
 
 
+class Store(Protocol):
+    """The two operations Meter needs of a table: a plain dict satisfies it."""
+
+    def get(self, key: str, default: list | None = None, /) -> list | None: ...
+
+    def __setitem__(self, key: str, value: list, /) -> None: ...
+
+
 def seen_key(org_id: str, event_id: str) -> str:
     """Dedupe-table key of an event's identity (SPEC §3: ``(org_id, event_id)``)."""
     return orjson.dumps([org_id, event_id]).decode()
@@ -75,8 +83,8 @@ class Meter:
     def __init__(
         self,
         prices: PriceTable,
-        seen: MutableMapping[str, list],
-        totals: MutableMapping[str, list],
+        seen: Store,
+        totals: Store,
     ) -> None:
         self.prices = prices
         self.seen = seen

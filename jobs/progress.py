@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from core.settings import Settings
 from streams.kafka_config import quiet_client_config
@@ -37,7 +39,7 @@ def group_position(
         metadata = consumer.list_topics(topic, timeout=timeout)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
         tps = [TopicPartition(topic, p) for p in partitions]
-        committed_tps = consumer.committed(tps, timeout=timeout) if tps else []
+        committed_tps = _committed(consumer, tps, timeout) if tps else []
         committed = end = 0
         for tp in committed_tps:
             low, high = consumer.get_watermark_offsets(
@@ -48,3 +50,29 @@ def group_position(
         return GroupPosition(committed, end)
     finally:
         consumer.close()
+
+
+_COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
+
+
+def _committed(consumer: Consumer, tps: list[TopicPartition], timeout: float) -> list[Any]:
+    """``consumer.committed``, retried while the broker answers with a retriable error (the
+    group coordinator moving or still loading, common right after a broker starts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.committed(tps, timeout=max(deadline - time.monotonic(), 0.1))
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            retriable = isinstance(error, KafkaError) and (
+                error.retriable() or error.code() in _COORDINATOR_MOVING
+            )
+            if not retriable or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import orjson
 from mode import Service
 
 from core.enforcement import (
@@ -55,6 +56,8 @@ from streams.codec import Codecs, dead_letter_record, priced_to_record
 from streams.control import control_from_record
 from streams.delivery import DeliveryGuard
 from streams.kafka_config import faust_broker_config
+from streams.output import BatchedOutput
+from streams.state import TableState
 from streams.topics import (
     BILLING,
     CONTROL,
@@ -132,32 +135,52 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         "key_serializer": "raw",
         "value_serializer": "raw",
     }
-    usage_topic = app.topic(usage_name, partitions=partitions, **raw)
     control_name = settings.topic(CONTROL)
     control_topic = app.topic(control_name, partitions=partitions, **raw)
     # One agent reads both: an org's usage and control messages share a partition number and
     # therefore one worker and one set of table partitions.
     source_topics = app.topic(usage_name, control_name, partitions=partitions, **raw)
-    priced_topic = app.topic(settings.topic(PRICED), partitions=partitions, **raw)
-    dead_letter_topic = app.topic(settings.topic(DEAD_LETTER), partitions=partitions, **raw)
-    pauses_topic = app.topic(settings.topic(PAUSES), partitions=partitions, **raw)
-    billing_topic = app.topic(settings.topic(BILLING), partitions=partitions, **raw)
 
     tables = {
-        name: app.Table(name, default=None, partitions=partitions, key_type=str, help=text)
+        name: app.Table(
+            name, default=None, partitions=partitions, key_type=bytes, value_type=bytes, help=text
+        )
         for name, text in TABLES.items()
     }
-    seen, totals = tables["seen"], tables["totals"]
-    policies, org_index = tables["policies"], tables["org_index"]
-    meter = Meter(prices, seen, totals)
+    delivery = DeliveryGuard()
+    delivery.install(app)
+    output = BatchedOutput(lambda: app.producer._ensure_producer(), delivery.track)
+    seen = TableState(tables["seen"], output, orjson.dumps, orjson.loads)
+    totals = TableState(tables["totals"], output, orjson.dumps, orjson.loads)
+    org_index = TableState(tables["org_index"], output, orjson.dumps, orjson.loads)
+    policies: TableState[OrgPolicy] = TableState(
+        tables["policies"], output, _encode_policy, _decode_policy
+    )
+    states = (seen, totals, policies, org_index)
+    seen_view, totals_view = seen.view(), totals.view()
+    meter = Meter(prices, seen_view, totals_view)
     enforcer = Enforcer(
         grace_ms=int(settings.period_grace_seconds * 1000),
         period_timer=settings.period_timer == "on",
     )
-    delivery = DeliveryGuard()
-    delivery.install(app)
 
-    async def dead_letter(rejected: RejectedEvent, message: Any, now_ms: int) -> None:
+    async def before_commit() -> None:
+        """Buffered state and queued outputs reach Kafka before any offset commit."""
+        for state in states:
+            state.flush()
+        await output.drain()
+
+    delivery.before_flush(before_commit)
+
+    @app.task
+    async def start_output() -> None:
+        output.start()
+
+    usage_out, control_out = usage_name, control_name
+    priced_out, dead_letter_out = settings.topic(PRICED), settings.topic(DEAD_LETTER)
+    pauses_out, billing_out = settings.topic(PAUSES), settings.topic(BILLING)
+
+    def dead_letter(rejected: RejectedEvent, message: Any, now_ms: int) -> None:
         record = dead_letter_record(
             reason=rejected.reason,
             detail=rejected.detail[:2000],
@@ -168,45 +191,53 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             source_offset=message.offset,
             dead_lettered_at_ms=now_ms,
         )
-        sent = await dead_letter_topic.send(
-            key=message.key,
-            value=codecs.dead_letter.encode(record),
-            partition=message.partition % partitions,
+        output.add(
+            dead_letter_out,
+            message.partition % partitions,
+            message.key,
+            codecs.dead_letter.encode_trusted(record),
         )
-        delivery.track(sent)
         metrics.DEAD_LETTERS.labels(rejected.reason.value).inc()
 
-    async def rerouted(topic: Any, org_id: str, message: Any) -> bool:
+    def rerouted(topic: str, org_id: str, message: Any) -> bool:
         """Forward a message found off its org's partition (keyed wrongly by its producer)
         to that partition, where the org's state lives; True when it was forwarded."""
         home = partition_for(org_id, partitions)
         if home == message.partition:
             return False
-        delivery.track(await topic.send(key=org_id.encode(), value=message.value, partition=home))
+        output.add(topic, home, org_id.encode(), message.value)
         metrics.REROUTED.inc()
         return True
 
-    def spend_of(org_id: str) -> SpendLookup:
+    def spend_of(org_id: str, partition: int) -> SpendLookup:
         def spend(period: str | None, user_id: str | None) -> int:
             if period is None:
                 return 0
             key = org_key(org_id, period) if user_id is None else user_key(org_id, period, user_id)
-            return MonthTotals.of(totals.get(key)).extra_cost_nano
+            return MonthTotals.of(totals.get(key, partition)).extra_cost_nano
 
         return spend
 
     def caps_of(org_id: str) -> dict[str, Any] | None:
         """What this worker knows of an org's enforcement (``metering caps show``)."""
-        stored = policies.get(org_id)
-        if stored is None:
+        partition = partition_for(org_id, partitions)
+        policy = policies.peek(org_id, partition)
+        if policy is None:
             return None
-        return {"org_id": org_id, **describe(OrgPolicy.from_json(stored), spend_of(org_id))}
+
+        def spend(period: str | None, user_id: str | None) -> int:
+            if period is None:
+                return 0
+            key = org_key(org_id, period) if user_id is None else user_key(org_id, period, user_id)
+            return MonthTotals.of(totals.peek(key, partition)).extra_cost_nano
+
+        return {"org_id": org_id, **describe(policy, spend)}
 
     app.metering_caps = caps_of
 
-    # Decoded policies of the orgs this worker meters. The agent is the only writer of the
-    # policies table, so the cache is exact while partitions stay here; any rebalance empties
-    # it, and an input the core rejects evicts its org (the core may have half-applied it).
+    # Decoded policies of the orgs this worker meters, the same objects the state overlay
+    # holds. The agent is the only writer of the policies table, so the cache is exact while
+    # partitions stay here; any rebalance empties it.
     policy_cache: dict[str, OrgPolicy] = {}
 
     @app.on_partitions_revoked.connect
@@ -221,87 +252,101 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         cached = policy_cache.get(org_id)
         if cached is not None:
             return cached
-        stored = policies.get(org_id)
-        if stored is None:
+        policy = policies.get(org_id, partition)
+        if policy is None:
+            policy = OrgPolicy()
             index_key = str(partition)
-            known = org_index.get(index_key) or []
+            known = org_index.get(index_key, partition) or []
             if org_id not in known:
-                org_index[index_key] = [*known, org_id]
+                org_index.put(index_key, partition, [*known, org_id])
         if len(policy_cache) >= POLICY_CACHE_SIZE:
             policy_cache.pop(next(iter(policy_cache)))
-        policy = policy_cache[org_id] = OrgPolicy.from_json(stored)
+        policy_cache[org_id] = policy
         return policy
 
-    async def publish(step: Step, org_id: str, partition: int) -> None:
+    def publish(step: Step, org_id: str, partition: int) -> None:
+        key = org_id.encode()
         for enforcement_event in step.events:
-            billing = enforcement_event.action is Action.RELOAD_REQUESTED
-            topic = billing_topic if billing else pauses_topic
-            codec = codecs.billing if billing else codecs.pause
-            sent = await topic.send(
-                key=org_id.encode(),
-                value=codec.encode(enforcement_event.record()),
-                partition=partition,
-            )
-            delivery.track(sent)
+            if enforcement_event.action is Action.RELOAD_REQUESTED:
+                value = codecs.billing.encode_trusted(enforcement_event.record())
+                output.add(billing_out, partition, key, value)
+            else:
+                value = codecs.pause.encode_trusted(enforcement_event.record())
+                output.add(pauses_out, partition, key, value)
             metrics.ENFORCEMENT_EVENTS.labels(
                 enforcement_event.action.value, enforcement_event.reason.value
             ).inc()
 
-    async def enforce_usage(priced: Any, message: Any, now_ms: int) -> None:
+    def enforce_usage(priced: Any, message: Any, now_ms: int) -> None:
         org_id = priced.event.org_id
-        policy = load_policy(org_id, message.partition)
-        step = enforcer.on_usage(policy, priced, message.offset, spend_of(org_id), now_ms)
+        partition = message.partition
+        policy = load_policy(org_id, partition)
+        step = enforcer.on_usage(
+            policy, priced, message.offset, spend_of(org_id, partition), now_ms
+        )
         if step.changed:
-            policies[org_id] = step.policy.to_json()
-        await publish(step, org_id, message.partition)
+            policies.put(org_id, partition, step.policy)
+        publish(step, org_id, partition)
 
-    async def apply_control(control: ControlMessage, message: Any, now_ms: int) -> None:
+    def apply_control(control: ControlMessage, message: Any, now_ms: int) -> None:
         org_id = control.org_id
-        policy = load_policy(org_id, message.partition)
-        step = enforcer.on_control(policy, control, message.offset, spend_of(org_id), now_ms)
-        policies[org_id] = step.policy.to_json()
-        await publish(step, org_id, message.partition)
+        partition = message.partition
+        policy = load_policy(org_id, partition)
+        before = _encode_policy(policy)  # the core may half-apply an input it rejects
+        try:
+            step = enforcer.on_control(
+                policy, control, message.offset, spend_of(org_id, partition), now_ms
+            )
+        except RejectedEvent:
+            restored = policy_cache[org_id] = _decode_policy(before)
+            if policies.get(org_id, partition) is not None:
+                policies.put(org_id, partition, restored)
+            raise
+        policies.put(org_id, partition, step.policy)
+        publish(step, org_id, partition)
 
-    async def handle_control(message: Any) -> None:
+    def handle_control(message: Any) -> None:
         now_ms = int(time.time() * 1000)
         try:
             control = control_from_record(codecs.control.decode(message.value))
         except RejectedEvent as rejected:
-            await dead_letter(rejected, message, now_ms)
+            dead_letter(rejected, message, now_ms)
             return
         if isinstance(control.command, PeriodTick) and not control.org_id:
             # A partition-wide tick from the period timer: every org of this partition.
-            for org_id in org_index.get(str(message.partition)) or []:
+            for org_id in org_index.get(str(message.partition), message.partition) or []:
                 org_control = ControlMessage(
                     control.message_id, org_id, control.issued_at_ms, control.command
                 )
-                await apply_control(org_control, message, now_ms)
+                apply_control(org_control, message, now_ms)
             return
-        if await rerouted(control_topic, control.org_id, message):
+        if rerouted(control_out, control.org_id, message):
             return
         try:
-            await apply_control(control, message, now_ms)
+            apply_control(control, message, now_ms)
         except RejectedEvent as rejected:
-            policy_cache.pop(control.org_id, None)
-            await dead_letter(rejected, message, now_ms)
+            dead_letter(rejected, message, now_ms)
 
-    async def handle(message: Any) -> None:
+    def handle(message: Any) -> None:
+        """Everything one source message causes, queued synchronously (no await), so an
+        interrupted worker never leaves an event half-handled."""
         if message.topic == control_name:
-            await handle_control(message)
+            handle_control(message)
             return
         now_ms = int(time.time() * 1000)
         metrics.EVENTS_IN.inc()
         try:
             event = validate_usage(codecs.usage.decode(message.value), now_ms)
         except RejectedEvent as rejected:
-            await dead_letter(rejected, message, now_ms)
+            dead_letter(rejected, message, now_ms)
             return
-        if await rerouted(usage_topic, event.org_id, message):
+        if rerouted(usage_out, event.org_id, message):
             return
+        seen_view.partition = totals_view.partition = message.partition
         try:
             outcome = meter.process(event, message.offset)
         except RejectedEvent as rejected:
-            await dead_letter(rejected, message, now_ms)
+            dead_letter(rejected, message, now_ms)
             return
         if outcome.status is Status.DUPLICATE:
             metrics.DUPLICATES.inc()
@@ -311,15 +356,14 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         else:
             metrics.EVENTS_PRICED.inc()
         assert outcome.priced is not None
-        sent = await priced_topic.send(
-            key=event.org_id.encode(),
-            value=codecs.priced.encode(
-                priced_to_record(outcome.priced, message.partition, message.offset)
-            ),
-            partition=message.partition,
+        record = priced_to_record(outcome.priced, message.partition, message.offset)
+        output.add(
+            priced_out,
+            message.partition,
+            event.org_id.encode(),
+            codecs.priced.encode_trusted(record),
         )
-        delivery.track(sent)
-        await enforce_usage(outcome.priced, message, now_ms)
+        enforce_usage(outcome.priced, message, now_ms)
 
     if settings.period_timer == "on":
 
@@ -342,7 +386,9 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     async def meter_usage(stream: faust.StreamT) -> None:
         async for event in stream.events():
             try:
-                await handle(event.message)
+                handle(event.message)
+                if output.needs_drain:
+                    await output.drain()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug or broken infrastructure: never skip the event
@@ -362,6 +408,14 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     if settings.embedded_store and settings.worker_sink:
         app.service(_sink_service_class(settings, codecs))
     return app
+
+
+def _encode_policy(policy: OrgPolicy) -> bytes:
+    return orjson.dumps(policy.to_json())
+
+
+def _decode_policy(raw: bytes) -> OrgPolicy:
+    return OrgPolicy.from_json(orjson.loads(raw))
 
 
 def _sink_service_class(settings: Settings, codecs: Codecs) -> type[Service]:

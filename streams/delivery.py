@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class DeliveryGuard:
         self._enqueued = 0  # changelog writes put in Faust's buffer
         self._handed = 0  # ... of which handed to the Kafka client
         self._progress = asyncio.Event()
+        self._before_flush: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def pending(self) -> int:
@@ -58,6 +60,12 @@ class DeliveryGuard:
             )
             logging.shutdown()
             os._exit(EXIT_DELIVERY_FAILED)
+
+    def before_flush(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` at the start of every producer flush, that is before every offset
+        commit: the worker hands its buffered state and outputs to the producer there, so
+        the flush then waits for them too."""
+        self._before_flush.append(hook)
 
     def install(self, app: Any) -> None:
         """Wrap ``app.producer`` (before the app starts)."""
@@ -82,6 +90,8 @@ class DeliveryGuard:
             """Wait for everything produced *before* this call; later sends are not waited
             for, so a commit under sustained load is never starved (Faust's own flush loops
             until its buffer is empty, which under load may be never)."""
+            for hook in self._before_flush:
+                await hook()
             target = self._enqueued
             waiting = list(self._pending)
             while self._handed < target:
