@@ -129,7 +129,9 @@ def worker(
 ) -> None:
     """Run the Faust worker (same as `faust -A streams.app worker`)."""
     import faust
+    import mode.loop
 
+    mode.loop.use("uvloop")  # before the app exists: Faust binds to the loop it finds
     from streams.app import create_app
 
     app = create_app(_settings(worker_sink=sink))

@@ -33,6 +33,7 @@ from typing import Any
 
 import faust
 import orjson
+from faust.sensors.monitor import Monitor
 from mode import Service
 
 from core.enforcement import (
@@ -86,6 +87,26 @@ def worker_datadir(settings: Settings) -> Path:
     return settings.data_path / "worker" / f"{settings.app_id}-{settings.web_port}"
 
 
+class QuietMonitor(Monitor):
+    """Faust's monitor without its per-message bookkeeping (the worker's own Prometheus
+    counters in :mod:`streams.metrics` report what operators read); commit, rebalance and
+    send statistics are kept."""
+
+    def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
+        return None
+
+    def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> None:
+        return None
+
+    def on_stream_event_out(
+        self, tp: Any, offset: int, stream: Any, event: Any, state: Any = None
+    ) -> None:
+        return None
+
+    def on_message_out(self, tp: Any, offset: int, message: Any) -> None:
+        return None
+
+
 class MeteringApp(faust.App):
     """A Faust app that creates the pipeline's topics before it subscribes to them."""
 
@@ -117,8 +138,9 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         web_host=settings.web_bind,
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
-        stream_buffer_maxsize=8192,
-        broker_max_poll_records=2000,
+        stream_buffer_maxsize=16384,
+        broker_max_poll_records=5000,
+        Monitor=QuietMonitor,
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
         producer_compression_type="lz4",

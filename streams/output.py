@@ -108,9 +108,10 @@ class BatchedOutput:
                 self.batches_sent += 1
                 self.messages_sent += count
 
-    def start(self, delay: float = 0.002) -> None:
+    def start(self, delay: float = 0.02) -> None:
         """Start the background drainer: it sends queued messages ``delay`` seconds after
-        the first one was added (a short linger that lets a burst share batches)."""
+        the first one was added. The linger lets a burst share batches: at 2 ms the broker
+        spent twice the CPU on small produce requests for the same throughput."""
         if self._drainer is None:
             self._drainer = asyncio.get_running_loop().create_task(self._drain_forever(delay))
 

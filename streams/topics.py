@@ -8,6 +8,7 @@ worker's table changelogs (created by Faust) have the same count.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from aiokafka.partitioner import murmur2
@@ -55,8 +56,10 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
+@functools.lru_cache(maxsize=65_536)
 def partition_for(org_id: str, partitions: int) -> int:
-    """The partition of an organisation: murmur2 of the UTF-8 key, as Java/Confluent clients."""
+    """The partition of an organisation: murmur2 of the UTF-8 key, as Java/Confluent clients
+    (cached: the worker asks for every event, and murmur2 here is pure Python)."""
     return (murmur2(org_id.encode()) & 0x7FFFFFFF) % partitions
 
 
