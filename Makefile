@@ -33,5 +33,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Throughput table (BENCHMARKS.md): ceiling, pipeline, Quix Streams, scale-out, RSS.
+# EVENTS=... to change the size. The Quix Streams app needs its own venv (quix-venv).
+EVENTS ?= 60000
+bench: $(STAMP) quix-venv
+	$(VENV)/bin/python -m benchmarks.run --events $(EVENTS)
+
+# The Quix Streams comparison app has its own venv (benchmarks/quix/README.md).
+.PHONY: quix-venv
+quix-venv:
+	$(PYTHON) benchmarks/quix/setup_venv.py
+
 clean:
-	rm -rf $(VENV) .data .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-quix .data .pytest_cache .ruff_cache

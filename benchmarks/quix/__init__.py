@@ -1,0 +1,1 @@
+"""Quix Streams comparison app (see README.md); runs in .venv-quix."""
