@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,3 +59,35 @@ def start_deployment(partitions: int) -> BenchDeployment:
     )
     ensure_topics(settings)
     return BenchDeployment(workdir, kafka, env_settings, settings)
+
+
+def ceiling(settings: object, events: int) -> float:
+    """Events/s of a plain consumer that decodes every usage record."""
+    from confluent_kafka import Consumer
+
+    from streams.codec import Codecs
+    from streams.topics import USAGE
+
+    codec = Codecs.from_settings(settings).usage  # type: ignore[arg-type]
+    consumer = Consumer(
+        {
+            **settings.kafka_client_config(),  # type: ignore[attr-defined]
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([settings.topic(USAGE)])  # type: ignore[attr-defined]
+    seen = 0
+    started = None
+    while seen < events:
+        batch = consumer.consume(2000, 1.0)
+        if batch and started is None:
+            started = time.perf_counter()
+        for message in batch:
+            if not message.error():
+                codec.decode(message.value())
+                seen += 1
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    consumer.close()
+    return seen / max(elapsed, 1e-9)

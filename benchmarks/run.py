@@ -37,8 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO, BenchDeployment, free_port, start_deployment
-from benchmarks.throughput import ceiling
+from benchmarks.harness import REPO, BenchDeployment, ceiling, free_port, start_deployment
 
 QUIX_PYTHON = REPO / ".venv-quix" / "bin" / "python"
 

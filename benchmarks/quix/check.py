@@ -4,7 +4,7 @@ Run from the main venv: ``.venv/bin/python -m benchmarks.quix.check [--events 20
 (needs ``.venv-quix``: ``make quix-venv``).
 
 Starts a broker with :func:`benchmarks.harness.start_deployment`, pre-produces ``--events``
-generated usage events as ``benchmarks.throughput`` does (no duplicates, no bad records),
+generated usage events as ``benchmarks.run`` does (no duplicates, no bad records),
 runs ``.venv-quix/bin/python -m benchmarks.quix.app --events N`` with the deployment's
 environment, then, after it exited, reads its ClickHouse store from the Quix venv and compares
 the event count, the total cost and every org's monthly cost with an independent sum of

@@ -25,13 +25,15 @@ import os
 import random
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from jobs.generate import Generated, GeneratorConfig, generate
 from jobs.pauses import read_pauses
-from tests.integration.harness import Deployment, wait_for
+from tests.integration.conftest import _free_port
+from tests.integration.harness import Deployment, WorkerProcess, wait_for
 from tests.integration.test_pipeline import assert_views_match
 from tests.oracle import expected_views
 
@@ -156,74 +158,159 @@ def _committed(deployment: Deployment) -> int:
     return group_position(settings, settings.app_id, settings.topic("usage.events")).committed
 
 
-def test_sigkill_at_random_points_changes_nothing(deployment: Deployment) -> None:
-    from jobs.control import ControlProducer
+class Scenario:
+    """Records with caps, their ground truth, and the checks every failure test ends with."""
 
-    rng = random.Random(5)
-    now_ms = int(time.time() * 1000)
-    config = GeneratorConfig(
-        events=EVENTS,
-        orgs=60,
-        users=3000,
-        seed=41,
-        duplicate_fraction=0.02,
-        bad_fraction=0.005,
-    )
-    records = list(generate(config, now_ms))
-    commands = _caps(records)
-    expected = expected_views(records, now_ms)
-
-    # Caps first, consumed before any usage exists, so the order is the reference's order.
-    worker = deployment.start_worker()
-    control = ControlProducer(deployment.settings)
-    message_ids = [control.send(org, command) for org, command in commands]
-    control.close()
-    reference = _reference_events(records, commands, message_ids, now_ms)
-    wait_for(lambda: _control_consumed(deployment), 180, "the worker to consume the cap commands")
-    deployment.produce(records)
-
-    kill_points = sorted(rng.uniform(0.1, 0.9) * EVENTS for _ in range(KILLS))
-    for point in kill_points:
-        wait_for(
-            lambda point=point, worker=worker: (
-                _committed(deployment) >= point or worker.process.poll() is not None
-            ),
-            900,
-            f"the worker to pass {point:,.0f} committed events",
-            0.1,
+    def __init__(self, events: int, seed: int = 41) -> None:
+        self.now_ms = int(time.time() * 1000)
+        config = GeneratorConfig(
+            events=events,
+            orgs=60,
+            users=3000,
+            seed=seed,
+            duplicate_fraction=0.02,
+            bad_fraction=0.005,
         )
-        assert worker.process.poll() is None, worker.log()[-3000:]
+        self.records = list(generate(config, self.now_ms))
+        self.commands = _caps(self.records)
+        self.expected = expected_views(self.records, self.now_ms)
+        self.reference: dict[str, dict[str, Any]] = {}
+
+    def start(self, deployment: Deployment) -> None:
+        """Send the caps, wait until a running worker consumed them, then produce the usage
+        (so the order of caps and usage is the reference's order)."""
+        from jobs.control import ControlProducer
+
+        control = ControlProducer(deployment.settings)
+        message_ids = [control.send(org, command) for org, command in self.commands]
+        control.close()
+        self.reference = _reference_events(self.records, self.commands, message_ids, self.now_ms)
+        wait_for(
+            lambda: _control_consumed(deployment), 180, "the worker to consume the cap commands"
+        )
+        deployment.produce(self.records)
+
+    def verify(self, deployment: Deployment, timeout: float = 1800) -> None:
+        """Views equal the oracle; enforcement events equal the reference run."""
+        deployment.wait_processed(timeout=timeout)
+        assert_views_match(deployment, self.expected)
+
+        got = list(read_pauses(deployment.settings, follow=False, include_billing=True))
+        by_id: dict[str, dict[str, Any]] = {}
+        for event in got:
+            content = {name: event[name] for name in COMPARED}
+            earlier = by_id.setdefault(content["event_id"], content)
+            assert earlier == content, f"event id {content['event_id']} repeated, other content"
+        want = {
+            event_id: {name: e[name] for name in COMPARED} for event_id, e in self.reference.items()
+        }
+        assert len(want) > 20, "the scenario should pause a fair number of scopes"
+        missing = want.keys() - by_id.keys()
+        extra = by_id.keys() - want.keys()
+        assert not missing and not extra, (sorted(missing)[:5], sorted(extra)[:5])
+        assert by_id == want
+
+        # Per scope, in emission order, the first copy of each id: PAUSE and RESUME alternate.
+        last_action: dict[tuple, str] = {}
+        first_copies: set[str] = set()
+        for event in got:
+            if event["action"] not in ("PAUSE", "RESUME") or event["event_id"] in first_copies:
+                continue
+            first_copies.add(event["event_id"])
+            scope = (event["org_id"], event["scope"], event["user_id"])
+            assert last_action.get(scope) != event["action"], (scope, event["action"])
+            last_action[scope] = event["action"]
+
+
+def _wait_committed(deployment: Deployment, point: float, worker: WorkerProcess) -> None:
+    wait_for(
+        lambda: _committed(deployment) >= point or worker.process.poll() is not None,
+        900,
+        f"the worker to pass {point:,.0f} committed events",
+        0.1,
+    )
+    assert worker.process.poll() is None, worker.log()[-3000:]
+
+
+def test_sigkill_at_random_points_changes_nothing(deployment: Deployment) -> None:
+    rng = random.Random(5)
+    scenario = Scenario(EVENTS)
+    worker = deployment.start_worker()
+    scenario.start(deployment)
+    for point in sorted(rng.uniform(0.1, 0.9) * EVENTS for _ in range(KILLS)):
+        _wait_committed(deployment, point, worker)
         time.sleep(rng.uniform(0.0, 1.5))  # anywhere between commits and sink flushes
         worker.kill()
         worker = deployment.start_worker()
-
-    deployment.wait_processed(timeout=1800)
-    assert_views_match(deployment, expected)
-
-    got = list(read_pauses(deployment.settings, follow=False, include_billing=True))
-    by_id: dict[str, dict[str, Any]] = {}
-    for event in got:
-        content = {name: event[name] for name in COMPARED}
-        earlier = by_id.setdefault(content["event_id"], content)
-        assert earlier == content, f"event id {content['event_id']} repeated with other content"
-    want = {event_id: {name: e[name] for name in COMPARED} for event_id, e in reference.items()}
-    assert len(want) > 20, "the scenario should pause a fair number of scopes"
-    missing = want.keys() - by_id.keys()
-    extra = by_id.keys() - want.keys()
-    assert not missing and not extra, (sorted(missing)[:5], sorted(extra)[:5])
-    assert by_id == want
-
-    # Per scope, in emission order, the first copy of each id: PAUSE and RESUME alternate.
-    last_action: dict[tuple, str] = {}
-    first_copies: set[str] = set()
-    for event in got:
-        if event["action"] not in ("PAUSE", "RESUME") or event["event_id"] in first_copies:
-            continue
-        first_copies.add(event["event_id"])
-        scope = (event["org_id"], event["scope"], event["user_id"])
-        assert last_action.get(scope) != event["action"], (scope, event["action"])
-        last_action[scope] = event["action"]
+    scenario.verify(deployment)
     assert worker.terminate() == 0, worker.log()[-3000:]
+
+
+def test_two_workers_one_killed_mid_stream(deployment: Deployment) -> None:
+    """Rebalance: two workers share the partitions, one is SIGKILLed, the other takes over.
+
+    The sink runs as its own process (``metering sink``) so that it outlives either worker.
+    """
+    events = min(EVENTS, 60_000)
+    scenario = Scenario(events, seed=43)
+    sink = deployment.start_worker(command="sink")
+    first = deployment.start_worker("--no-sink", env={"METERING_WEB_PORT": str(_free_port())})
+    second = deployment.start_worker("--no-sink", env={"METERING_WEB_PORT": str(_free_port())})
+    scenario.start(deployment)
+    _wait_committed(deployment, events * 0.4, first)
+    assert second.process.poll() is None, second.log()[-3000:]
+    first.kill()
+    scenario.verify(deployment)  # complete and exact although one worker is gone
+    for process in (second, sink):
+        assert process.terminate() == 0, process.log()[-3000:]
+
+
+def test_broker_restart_mid_stream(tmp_path: Path) -> None:
+    """Kafka stops (controlled shutdown) and starts again while the worker meters."""
+    from jobs.kafka_local import KafkaLocal, default_cache_dir
+
+    port = _free_port()
+    kafka = KafkaLocal(
+        data_dir=tmp_path / "kafka", bootstrap=f"127.0.0.1:{port}", cache_dir=default_cache_dir()
+    )
+    kafka.start(timeout=180)
+    tag = f"br{port}"
+    deployment = Deployment(
+        env={
+            "METERING_KAFKA_BOOTSTRAP": kafka.bootstrap,
+            "METERING_APP_ID": tag,
+            "METERING_TOPIC_PREFIX": f"{tag}.",
+            "METERING_DATA_DIR": str(tmp_path / "data"),
+            "METERING_WEB_PORT": str(_free_port()),
+            "METERING_PARTITIONS": "4",
+        },
+        root=tmp_path,
+    )
+    try:
+        events = min(EVENTS, 40_000)
+        scenario = Scenario(events, seed=47)
+        worker = deployment.start_worker()
+        scenario.start(deployment)
+        _wait_committed(deployment, events * 0.3, worker)
+        kafka.stop()
+        time.sleep(8)
+        kafka.start(timeout=180)
+        # The worker either rides the outage out or exits with its documented status for a
+        # supervisor to restart it (75: a delivery failed, 70: unexpected failure); it never
+        # exits 0 or hangs, and a restart must then finish the job exactly.
+        try:
+            scenario.verify(deployment, timeout=600)
+        except AssertionError:
+            code = worker.process.poll()
+            if code is None:
+                raise
+            assert code in (70, 75), (code, worker.log()[-3000:])
+            worker = deployment.start_worker()
+            scenario.verify(deployment)
+        assert worker.terminate() == 0, worker.log()[-3000:]
+    finally:
+        deployment.stop_all()
+        kafka.stop()
 
 
 def _control_consumed(deployment: Deployment) -> bool:
