@@ -27,10 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+EXIT_OUTPUT_FAILED = 75  # EX_TEMPFAIL, as a failed delivery (streams.delivery)
 
 Builder = Any  # aiokafka.producer.message_accumulator.BatchBuilder
 SentCallback = Callable[[str, int, int], None]
@@ -101,7 +104,23 @@ class BatchedOutput:
                 count = builder.record_count()
                 if count == 0:
                     continue
-                future = await producer.send_batch(builder, topic, partition=partition)
+                try:
+                    future = await producer.send_batch(builder, topic, partition=partition)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # The batch (and those after it) would be lost while their source
+                    # offsets may still be committed: end the process before any commit.
+                    log.critical(
+                        "could not hand a batch of %d message(s) for %s[%d] to the producer; "
+                        "exiting without committing so the events are processed again",
+                        count,
+                        topic,
+                        partition,
+                        exc_info=True,
+                    )
+                    logging.shutdown()
+                    os._exit(EXIT_OUTPUT_FAILED)
                 self._track(future)
                 if callback is not None:
                     future.add_done_callback(_after_send(topic, partition, count, callback))

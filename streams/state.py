@@ -52,6 +52,8 @@ class TableState(Generic[V]):
         self._dirty: dict[str, tuple[int, V]] = {}
         self._registered: set[int] = set()
         self.keys_flushed = 0
+        # Partitions this worker actively owns (None: all, for tests without a consumer).
+        self.owned: set[int] | None = None
 
     @property
     def changelog(self) -> str:
@@ -89,13 +91,19 @@ class TableState(Generic[V]):
         return PartitionView(self)
 
     def flush(self) -> int:
-        """Write every changed key to its RocksDB store and queue it on the changelog.
-
-        Synchronous, so no event is processed half-way through it. Returns the keys written.
-        """
+        """Write every changed key of an owned partition to its RocksDB store and queue it
+        on the changelog; keys of partitions this worker does not own right now (between a
+        revocation and the next assignment) stay in the overlay: writing them could overwrite
+        the new owner's changelog. Synchronous, so no event is processed half-way through.
+        Returns the keys written."""
         if not self._dirty:
             return 0
-        dirty, self._dirty = self._dirty, {}
+        owned = self.owned
+        if owned is None:
+            dirty, self._dirty = self._dirty, {}
+        else:
+            dirty = {k: v for k, v in self._dirty.items() if v[0] in owned}
+            self._dirty = {k: v for k, v in self._dirty.items() if v[0] not in owned}
         by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
         for key, (partition, value) in dirty.items():
             by_partition[partition].append((key.encode(), self.encode(value)))
@@ -114,11 +122,24 @@ class TableState(Generic[V]):
         self.keys_flushed += len(dirty)
         return len(dirty)
 
+    def assigned(self, partitions: set[int]) -> None:
+        """A new assignment: own ``partitions``; forget buffered keys of any other partition
+        (their events were not committed here and will be processed by the new owner)."""
+        self.owned = set(partitions)
+        self._dirty = {k: v for k, v in self._dirty.items() if v[0] in partitions}
+
+    def revoked(self) -> None:
+        """A revocation finished (its flush included): own nothing until the next assignment."""
+        self.owned = set()
+
     def _persisted(self, topic: str, partition: int, last_offset: int) -> None:
         """The changelog holds everything up to ``last_offset``: remember it in the store,
-        so recovery reads only what came later (Faust's ``_on_changelog_sent``)."""
+        so recovery reads only what came later (Faust's ``_on_changelog_sent``). Only while
+        this worker owns the partition: otherwise another worker writes the changelog too and
+        the local store does not hold everything up to that offset."""
         store = self.table.data
-        if partition in store._dbs:
+        owned = self.owned
+        if partition in store._dbs and (owned is None or partition in owned):
             store.set_persisted_offset(TP(topic, partition), last_offset)
 
 

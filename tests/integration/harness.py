@@ -29,10 +29,18 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: flo
         time.sleep(every)
 
 
+RESTARTABLE = (70, 75)  # the worker's "restart me" exit codes (unexpected failure, delivery)
+
+
 @dataclass
 class WorkerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
+    args: tuple[str, ...] = ()
+    command: str = "worker"
+    env: dict[str, str] | None = None
+    killed: bool = False  # by the test, on purpose: not restarted
+    replaced: bool = False  # already restarted by the supervisor
 
     def terminate(self, timeout: float = 90.0) -> int:
         """SIGTERM and wait: the exit status."""
@@ -48,6 +56,7 @@ class WorkerProcess:
             ) from None
 
     def kill(self) -> None:
+        self.killed = True
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
@@ -61,6 +70,7 @@ class Deployment:
     env: dict[str, str]
     root: Path
     workers: list[WorkerProcess] = field(default_factory=list)
+    restarts: int = 0
 
     @property
     def settings(self) -> Settings:
@@ -86,9 +96,22 @@ class Deployment:
                 env={**self.process_env(), **(env or {})},
                 cwd=REPO,
             )
-        worker = WorkerProcess(process, log_path)
+        worker = WorkerProcess(process, log_path, args, command, env)
         self.workers.append(worker)
         return worker
+
+    def supervise(self) -> int:
+        """Do what a supervisor (systemd, Kubernetes) does in production: restart every
+        worker that exited with a restartable status. Returns the number restarted."""
+        restarted = 0
+        for worker in list(self.workers):
+            code = worker.process.poll()
+            if code in RESTARTABLE and not worker.killed and not worker.replaced:
+                worker.replaced = True
+                self.start_worker(*worker.args, command=worker.command, env=worker.env)
+                restarted += 1
+        self.restarts += restarted
+        return restarted
 
     def metering(
         self, *args: str, input_text: str | None = None, timeout: float = 300
@@ -122,13 +145,15 @@ class Deployment:
                 producer.send_event(item.event)
         return producer.close()
 
-    def wait_processed(self, timeout: float = 300) -> None:
+    def wait_processed(self, timeout: float = 300, supervise: bool = False) -> None:
         from jobs.progress import group_position
         from streams.topics import PRICED, USAGE
 
         settings = self.settings
 
         def caught_up() -> bool:
+            if supervise:
+                self.supervise()
             for worker in self.workers:
                 code = worker.process.poll()
                 if code is not None and code != 0 and worker is self.workers[-1]:

@@ -209,3 +209,43 @@ def test_peek_does_not_open_a_partition_this_worker_does_not_hold(table: Any) ->
     state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
     assert state.peek("org", 3) is None
     assert 3 not in table.data._dbs
+
+
+def test_keys_of_partitions_not_owned_are_held_back_then_forgotten(table: Any) -> None:
+    async def scenario() -> RecordingProducer:
+        producer = RecordingProducer()
+        output = BatchedOutput(lambda: producer, lambda _: None)
+        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
+        state.assigned({0, 1})
+        state.put("kept", 0, [1])
+        assert state.flush() == 1  # the revocation's own flush, while still the owner
+        state.revoked()  # between a revocation and the next assignment: own nothing
+        state.put("late", 1, [2])  # events processed after the revocation
+        state.put("again", 0, [3])
+        assert state.flush() == 0  # nothing is written while nothing is owned
+        state.assigned({0})  # partition 1 went to another worker
+        assert state.dirty == 1 and state.get("late", 1) is None
+        assert state.flush() == 1
+        await output.drain()
+        return producer
+
+    producer = run(scenario())
+    keys = [key for _, _, records, _ in producer.sent for key, _ in records]
+    assert keys == [b"kept", b"again"]  # never "late": partition 1 is someone else's now
+
+
+def test_changelog_offset_is_not_remembered_for_a_partition_not_owned(table: Any) -> None:
+    async def scenario() -> None:
+        producer = RecordingProducer()
+        output = BatchedOutput(lambda: producer, lambda _: None)
+        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
+        state.assigned({0})
+        state.put("a", 0, [1])
+        state.flush()
+        await output.drain()
+        state.revoked()  # acknowledged only after the partition left
+        producer.acknowledge_all()
+        await asyncio.sleep(0)
+        assert table.data._dbs[0].get(OFFSET_KEY) is None
+
+    run(scenario())
