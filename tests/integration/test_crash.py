@@ -21,6 +21,7 @@ Ground truth:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -42,20 +43,13 @@ pytestmark = pytest.mark.integration
 IN_CI = bool(os.environ.get("CI"))
 EVENTS = int(os.environ.get("METERING_CRASH_EVENTS", 200_000 if IN_CI else 30_000))
 KILLS = int(os.environ.get("METERING_CRASH_KILLS", 5 if IN_CI else 3))
-COMPARED = (
-    "event_id",
-    "action",
-    "scope",
-    "reason",
-    "org_id",
-    "user_id",
-    "period",
-    "spend_nano_usd",
-    "limit_nano_usd",
-    "limit_source",
-    "trigger_id",
-    "amount_nano_usd",
-    "balance_nano_usd",
+# Every field of an enforcement event except when it was emitted (wall clock).
+COMPARED = tuple(
+    field["name"]
+    for field in json.loads((Path(__file__).parents[2] / "avro" / "pause_event.avsc").read_text())[
+        "fields"
+    ]
+    if field["name"] != "emitted_at"
 )
 
 
