@@ -227,6 +227,7 @@ def _wait_committed(deployment: Deployment, point: float, worker: WorkerProcess)
     assert worker.process.poll() is None, worker.log()[-3000:]
 
 
+@pytest.mark.timeout(2400)  # 200k records in CI: generation, oracle and five restarts
 def test_sigkill_at_random_points_changes_nothing(deployment: Deployment) -> None:
     rng = random.Random(5)
     scenario = Scenario(EVENTS)
