@@ -231,12 +231,15 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         metrics.REROUTED.inc()
         return True
 
-    def spend_of(org_id: str, partition: int) -> SpendLookup:
+    def spend_of(org_id: str, partition: int, read: Callable[..., Any] = totals.get) -> SpendLookup:
+        """The core's spend lookup for one org, reading totals with ``read`` (the agent's
+        ``get``, or ``peek`` for readers outside it)."""
+
         def spend(period: str | None, user_id: str | None) -> int:
             if period is None:
                 return 0
             key = org_key(org_id, period) if user_id is None else user_key(org_id, period, user_id)
-            return MonthTotals.of(totals.get(key, partition)).extra_cost_nano
+            return MonthTotals.of(read(key, partition)).extra_cost_nano
 
         return spend
 
@@ -246,34 +249,14 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         policy = policies.peek(org_id, partition)
         if policy is None:
             return None
-
-        def spend(period: str | None, user_id: str | None) -> int:
-            if period is None:
-                return 0
-            key = org_key(org_id, period) if user_id is None else user_key(org_id, period, user_id)
-            return MonthTotals.of(totals.peek(key, partition)).extra_cost_nano
-
-        return {"org_id": org_id, **describe(policy, spend)}
+        return {"org_id": org_id, **describe(policy, spend_of(org_id, partition, totals.peek))}
 
     app.metering_caps = caps_of
 
     # Decoded policies of the orgs this worker meters, the same objects the state overlay
     # holds. The agent is the only writer of the policies table, so the cache is exact while
-    # partitions stay here; any rebalance empties it.
+    # partitions stay here; any rebalance empties it (on_revoked, on_assigned).
     policy_cache: dict[str, OrgPolicy] = {}
-
-    @app.on_partitions_revoked.connect
-    async def forget_policies(*_: Any, **__: Any) -> None:
-        policy_cache.clear()
-        for state in states:
-            state.revoked()
-
-    @app.on_partitions_assigned.connect
-    async def forget_policies_again(_: Any, assigned: Any = (), **__: Any) -> None:
-        policy_cache.clear()
-        owned = {tp.partition for tp in assigned if tp.topic in (usage_name, control_name)}
-        for state in states:
-            state.assigned(owned)
 
     def load_policy(org_id: str, partition: int) -> OrgPolicy:
         cached = policy_cache.get(org_id)
@@ -418,13 +401,22 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     # restart (tests/integration/test_crash.py, two workers, one killed).
     next_offsets: dict[Any, int] = {}
 
+    # A rebalance ends what this worker knew of its partitions: cached policies, expected
+    # offsets, and which partitions its buffered state may be written for.
     @app.on_partitions_revoked.connect
-    async def forget_offsets(*_: Any, **__: Any) -> None:
+    async def on_revoked(*_: Any, **__: Any) -> None:
+        policy_cache.clear()
         next_offsets.clear()
+        for state in states:
+            state.revoked()
 
     @app.on_partitions_assigned.connect
-    async def forget_offsets_again(*_: Any, **__: Any) -> None:
+    async def on_assigned(_: Any, assigned: Any = (), **__: Any) -> None:
+        policy_cache.clear()
         next_offsets.clear()
+        owned = {tp.partition for tp in assigned if tp.topic in (usage_name, control_name)}
+        for state in states:
+            state.assigned(owned)
 
     def check_contiguous(message: Any) -> None:
         tp = message.tp

@@ -100,6 +100,13 @@ def table(tmp_path: Path) -> Any:
     fake.data.close()
 
 
+def json_state(table: Any) -> tuple[RecordingProducer, BatchedOutput, TableState[list[int]]]:
+    """A recording producer, the output it feeds and a JSON-valued state over ``table``."""
+    producer = RecordingProducer()
+    output = BatchedOutput(lambda: producer, lambda _: None)
+    return producer, output, TableState(table, output, orjson.dumps, orjson.loads)
+
+
 def run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
 
@@ -158,9 +165,7 @@ def test_background_drainer_sends_soon_after_an_add() -> None:
 
 def test_state_reads_its_own_writes_and_flushes_each_key_once(table: Any) -> None:
     async def scenario() -> None:
-        producer = RecordingProducer()
-        output = BatchedOutput(lambda: producer, lambda _: None)
-        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
+        producer, output, state = json_state(table)
         for i in range(100):
             current = state.get("org-a|2026-11", 1) or [0]
             state.put("org-a|2026-11", 1, [current[0] + i])
@@ -183,9 +188,7 @@ def test_state_reads_its_own_writes_and_flushes_each_key_once(table: Any) -> Non
 
 def test_changelog_offset_is_remembered_only_when_acknowledged(table: Any) -> None:
     async def scenario() -> None:
-        producer = RecordingProducer()
-        output = BatchedOutput(lambda: producer, lambda _: None)
-        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
+        producer, output, state = json_state(table)
         for key in ("a", "b", "c"):
             state.put(key, 0, [1])
         state.flush()
@@ -213,9 +216,7 @@ def test_peek_does_not_open_a_partition_this_worker_does_not_hold(table: Any) ->
 
 def test_keys_of_partitions_not_owned_are_held_back_then_forgotten(table: Any) -> None:
     async def scenario() -> RecordingProducer:
-        producer = RecordingProducer()
-        output = BatchedOutput(lambda: producer, lambda _: None)
-        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
+        producer, output, state = json_state(table)
         state.assigned({0, 1})
         state.put("kept", 0, [1])
         assert state.flush() == 1  # the revocation's own flush, while still the owner
@@ -236,9 +237,7 @@ def test_keys_of_partitions_not_owned_are_held_back_then_forgotten(table: Any) -
 
 def test_changelog_offset_is_not_remembered_for_a_partition_not_owned(table: Any) -> None:
     async def scenario() -> None:
-        producer = RecordingProducer()
-        output = BatchedOutput(lambda: producer, lambda _: None)
-        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
+        producer, output, state = json_state(table)
         state.assigned({0})
         state.put("a", 0, [1])
         state.flush()
