@@ -91,3 +91,13 @@ def ceiling(settings: object, events: int) -> float:
     elapsed = time.perf_counter() - (started or time.perf_counter())
     consumer.close()
     return seen / max(elapsed, 1e-9)
+
+
+def process_memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory of a process from ``/proc``: ``VmRSS`` (now) and ``VmHWM`` (peak), MB."""
+    values: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = int(rest.split()[0]) / 1024
+    return values

@@ -18,16 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import REPO, start_deployment
-
-
-def _status(pid: int) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            values[name] = int(rest.split()[0]) / 1024
-    return values
+from benchmarks.harness import REPO, process_memory_mb, start_deployment
 
 
 def _du_mb(path: Path) -> float:
@@ -80,7 +71,7 @@ def main() -> None:
                 raise SystemExit(f"worker exited {worker.returncode}; see {log.name}")
             time.sleep(1.0)
         elapsed = time.perf_counter() - started
-        memory = _status(worker.pid)
+        memory = process_memory_mb(worker.pid)
         state = _du_mb(settings.data_path / "worker")
         print(
             f"{len(users):,} users in state after {elapsed:,.0f}s: worker RSS "

@@ -34,10 +34,16 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO, BenchDeployment, ceiling, free_port, start_deployment
+from benchmarks.harness import (
+    REPO,
+    BenchDeployment,
+    ceiling,
+    free_port,
+    process_memory_mb,
+    start_deployment,
+)
 
 QUIX_PYTHON = REPO / ".venv-quix" / "bin" / "python"
 
@@ -51,13 +57,6 @@ class WorkerRun:
     rate: float
     rss_mb: list[float]
     pauses: int = 0
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _end_offsets(settings: Any, topic: str) -> int:
@@ -136,7 +135,7 @@ def run_workers(
                         f"worker exited {process.returncode}; logs in {deployment.workdir}"
                     )
             time.sleep(0.2)
-        rss = [_rss_mb(process.pid) for process in processes]
+        rss = [process_memory_mb(process.pid)["VmRSS"] for process in processes]
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
