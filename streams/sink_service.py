@@ -80,13 +80,18 @@ class SinkService(Service):
 
         settings = self.settings
         password = settings.clickhouse_password
-        self.client = await self.store.run(
-            connect,
-            settings.effective_clickhouse_dsn,
-            settings.clickhouse_user,
-            password.get_secret_value() if password else None,
-        )
-        await self.store.run(ensure_schema, self.client)
+        try:
+            self.client = await self.store.run(
+                connect,
+                settings.effective_clickhouse_dsn,
+                settings.clickhouse_user,
+                password.get_secret_value() if password else None,
+            )
+            await self.store.run(ensure_schema, self.client)
+        except RuntimeError:
+            if self.should_stop:  # SIGTERM during start-up: the store thread is already gone
+                return
+            raise
         self.runner = SinkRunner(settings, ClickHouseSink(self.client), self.store, self.codecs)
         self._task = asyncio.ensure_future(self._run())
         _ACTIVE.append(self)
