@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,11 +40,11 @@ def group_position(
         metadata = consumer.list_topics(topic, timeout=timeout)
         partitions = sorted(metadata.topics[topic].partitions) if topic in metadata.topics else []
         tps = [TopicPartition(topic, p) for p in partitions]
-        committed_tps = _committed(consumer, tps, timeout) if tps else []
+        committed_tps = _retrying(consumer.committed, timeout, tps) if tps else []
         committed = end = 0
         for tp in committed_tps:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, tp.partition), timeout=timeout
+            low, high = _retrying(
+                consumer.get_watermark_offsets, timeout, TopicPartition(topic, tp.partition)
             )
             end += high
             committed += tp.offset if tp.offset >= 0 else low
@@ -57,17 +58,20 @@ _COORDINATOR_MOVING = frozenset(
         KafkaError.NOT_COORDINATOR,
         KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
         KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
     }
 )
 
 
-def _committed(consumer: Consumer, tps: list[TopicPartition], timeout: float) -> list[Any]:
-    """``consumer.committed``, retried while the broker answers with a retriable error (the
-    group coordinator moving or still loading, common right after a broker starts)."""
+def _retrying(call: Callable[..., Any], timeout: float, *args: Any) -> Any:
+    """``call(*args, timeout=...)``, retried while the broker answers with a retriable error
+    (the group coordinator or a partition leader moving or still loading, common right after
+    a broker starts), within ``timeout`` seconds in all."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return consumer.committed(tps, timeout=max(deadline - time.monotonic(), 0.1))
+            return call(*args, timeout=max(deadline - time.monotonic(), 0.1))
         except KafkaException as exc:
             error = exc.args[0] if exc.args else None
             retriable = isinstance(error, KafkaError) and (
