@@ -112,11 +112,14 @@ class MeteringApp(faust.App):
 
     metering_settings: Settings
     metering_caps: Callable[[str], dict[str, Any] | None]
+    metering_consumer_hooks: list[Callable[[Any], None]]
 
     async def on_first_start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(
             None, ensure_topics, self.metering_settings
         )
+        for hook in self.metering_consumer_hooks:
+            hook(self.consumer)  # before the consumer joins its group
         await super().on_first_start()
 
 
@@ -147,6 +150,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         autodiscover=False,
     )
     app.metering_settings = settings
+    app.metering_consumer_hooks = []
     codecs = Codecs.from_settings(settings)
     prices = PriceTable.load(settings.price_table or default_price_table_path())
 
@@ -400,11 +404,14 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     # record is acknowledged keeps the skipped record uncommitted: it is processed after the
     # restart (tests/integration/test_crash.py, two workers, one killed).
     next_offsets: dict[Any, int] = {}
+    # Where each source partition without a committed offset starts (its log start offset).
+    start_offsets: dict[Any, int] = {}
 
     # A rebalance ends what this worker knew of its partitions: cached policies, expected
     # offsets, and which partitions its buffered state may be written for.
     @app.on_partitions_revoked.connect
     async def on_revoked(*_: Any, **__: Any) -> None:
+        start_offsets.clear()
         policy_cache.clear()
         next_offsets.clear()
         for state in states:
@@ -418,11 +425,44 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         for state in states:
             state.assigned(owned)
 
+    def seek_fresh_partitions_to_beginning(consumer: Any) -> None:
+        """Make a partition with no committed offset start at its beginning, always.
+
+        Faust fetches records as soon as the fetcher restarts after a rebalance, drops those
+        of partitions that are not active yet, then seeks every partition to its committed
+        offset (``Consumer.perform_seek``). aiokafka's ``seek_to_committed`` does nothing for
+        a partition whose committed offset is missing or 0, so the dropped records were gone
+        for good: the records a rebalance found on a never-committed partition were skipped
+        (tests/integration/test_crash.py, two workers). Seeking those partitions to the
+        beginning refetches them; ``start_offsets`` tells :func:`check_contiguous` where the
+        first record must be.
+        """
+        seek_to_committed = consumer.seek_to_committed
+
+        async def seek_to_committed_or_beginning() -> Any:
+            committed = await seek_to_committed()
+            fresh = [
+                tp
+                for tp, offset in committed.items()
+                if tp.topic in (usage_name, control_name) and not (offset and offset > 0)
+            ]
+            if fresh:
+                beginnings = await consumer.earliest_offsets(*fresh)
+                await consumer._thread.seek_wait({tp: beginnings[tp] for tp in fresh})
+                start_offsets.update(beginnings)
+            return committed
+
+        consumer.seek_to_committed = seek_to_committed_or_beginning
+
+    app.metering_consumer_hooks.append(seek_fresh_partitions_to_beginning)
+
     def check_contiguous(message: Any) -> None:
         tp = message.tp
         expected = next_offsets.get(tp)
         if expected is None:
             expected = app.consumer._committed_offset.get(tp)
+            if expected is None:
+                expected = start_offsets.get(tp)
         if expected is not None and message.offset > expected:
             log.critical(
                 "records %s[%d]@%d..%d were skipped before they were processed; exiting "
