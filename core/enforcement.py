@@ -129,7 +129,21 @@ class PeriodTick:
     wall_clock_ms: int
 
 
-Command = SetCap | SetEnabled | TopUp | SetAutoReload | PeriodTick
+@dataclass(frozen=True, slots=True)
+class Repriced:
+    """A replay's correction message was applied to the totals (``metering replay``).
+
+    ``extra_delta_nano`` is its change of the org's extra cost (moves a Team balance);
+    ``final`` marks the org's last correction message of the replay: only then is every scope
+    re-decided, so a replay that moves spend both ways emits at most one transition per
+    scope, with reason ``REPRICED``. Late months count for the balance only, as late usage.
+    """
+
+    extra_delta_nano: int
+    final: bool
+
+
+Command = SetCap | SetEnabled | TopUp | SetAutoReload | PeriodTick | Repriced
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +528,8 @@ class Enforcer:
             self._set_auto_reload(policy, command, emitter)
         elif isinstance(command, PeriodTick):
             self._tick(policy, command, spend, emitter)
+        elif isinstance(command, Repriced):
+            self._repriced(policy, command, spend, emitter)
         return self._done(policy, CONTROL_SOURCE, offset, emitter)
 
     # -- commands --------------------------------------------------------------------------
@@ -609,6 +625,19 @@ class Enforcer:
             policy.period = wall_period
             emitter.period = wall_period
             self._reevaluate_all(policy, spend, Trigger.PERIOD, emitter)
+
+    def _repriced(
+        self, policy: OrgPolicy, command: Repriced, spend: SpendLookup, emitter: _Emitter
+    ) -> None:
+        delta = command.extra_delta_nano
+        if delta and policy.is_team:
+            policy.extra_total_nano += delta
+            if delta > 0:
+                self._maybe_reload(policy, emitter)
+            elif policy.reload is not None and policy.balance_nano > policy.reload[0]:
+                policy.reload_armed = True  # back above the threshold: the next crossing counts
+        if command.final and policy.period is not None:
+            self._reevaluate_all(policy, spend, Trigger.REPRICE, emitter)
 
     # -- evaluation ------------------------------------------------------------------------
 

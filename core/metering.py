@@ -16,6 +16,9 @@ apart by the ``seen`` record of ``(org_id, event_id)``:
   repaired; the adapter re-sends the outputs (their ids are deterministic, so repeats are
   harmless);
 * a record with *another* offset: a genuine duplicate — counted once, nothing is written.
+
+A replay (``metering replay``) corrects events already metered with :meth:`Meter.reprice`:
+see its contract there.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from core.totals import (
     COST,
     INPUT,
     OUTPUT,
+    apply_correction,
     apply_event,
     org_key,
     tier_key,
@@ -57,6 +61,38 @@ class Outcome:
     status: Status
     priced: PricedEvent | None
     period: str
+
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """One event re-priced by a replay: the event with its new price, and the price the
+    replay found on record for it (what the worker had billed)."""
+
+    priced: PricedEvent
+    old_cost_nano: int
+    old_pricing_version: str
+    source_partition: int = 0  # where the event was read (kept on its priced record)
+    source_offset: int = 0
+
+    @property
+    def cost_delta_nano(self) -> int:
+        return self.priced.price.cost_nano - self.old_cost_nano
+
+
+@dataclass(frozen=True, slots=True)
+class RepriceOutcome:
+    """What one correction message changed. ``applied`` are the corrections whose new price
+    now stands (to be sent to the sink again); ``stale`` were skipped because the price on
+    record is neither the old nor this message's new one (see :meth:`Meter.reprice`)."""
+
+    applied: list[Correction]
+    stale: list[Correction]
+    extra_delta_nano: int
+
+
+SEEN_CORRECTED_BY = 6
+"""Index of the optional 7th element of a ``seen`` record: the control offset of the correction
+message that last re-priced the event."""
 
 
 class Store(Protocol):
@@ -136,6 +172,77 @@ class Meter:
             else:
                 self.totals[total_key] = updated
         return Outcome(status, priced, period)
+
+    def reprice(self, corrections: list[Correction], offset: int) -> RepriceOutcome:
+        """Apply one correction message of a replay, found at ``offset`` of the org's control
+        partition: each event's new price replaces the recorded one, and the monthly totals
+        (org, tier, user of the event's month) change by the difference.
+
+        Exactly once, whatever was persisted before a crash:
+
+        * a correction applies when the ``seen`` record still holds its old price (the first
+          delivery), or holds its new price *written by this same message* (a re-delivery
+          after a crash that persisted the record but perhaps not every total);
+        * each total takes the message's summed difference at most once: it remembers the
+          offset of the last correction message applied (:func:`core.totals.apply_correction`);
+        * any other recorded price (another replay re-priced the event meanwhile, or the
+          event is unknown here) makes the correction *stale*: it is skipped and reported,
+          never applied on top of a price it was not computed from.
+
+        ``extra_delta_nano`` is the change of extra cost of the applied corrections (for a Team
+        balance); counts and tokens never change.
+        """
+        applied: list[Correction] = []
+        stale: list[Correction] = []
+        deltas: dict[str, list[int]] = {}
+        extra_delta = 0
+        for correction in corrections:
+            priced = correction.priced
+            event, price = priced.event, priced.price
+            key = seen_key(event.org_id, event.event_id)
+            record = self.seen.get(key)
+            first = (
+                record is not None
+                and record[5] == correction.old_cost_nano
+                and record[3] == correction.old_pricing_version
+            )
+            again = (
+                record is not None
+                and len(record) > SEEN_CORRECTED_BY
+                and record[SEEN_CORRECTED_BY] == offset
+                and record[5] == price.cost_nano
+                and record[3] == price.pricing_version
+            )
+            if record is None or not (first or again):
+                stale.append(correction)
+                continue
+            self.seen[key] = [
+                record[0],
+                record[1],
+                price.model_family,
+                price.pricing_version,
+                int(price.long_context),
+                price.cost_nano,
+                offset,
+            ]
+            applied.append(correction)
+            cost_delta = correction.cost_delta_nano
+            extra = cost_delta if event.extra_usage else 0
+            extra_delta += extra
+            period = month_of(event.occurred_at_ms)
+            for total_key in (
+                org_key(event.org_id, period),
+                tier_key(event.org_id, period, event.seat_tier.value),
+                user_key(event.org_id, period, event.user_id),
+            ):
+                summed = deltas.setdefault(total_key, [0, 0])
+                summed[0] += cost_delta
+                summed[1] += extra
+        for total_key, (cost_delta, extra) in deltas.items():
+            updated = apply_correction(self.totals.get(total_key), cost_delta, extra, offset)
+            if updated is not None:
+                self.totals[total_key] = updated
+        return RepriceOutcome(applied, stale, extra_delta)
 
 
 def _check_headroom(

@@ -9,6 +9,10 @@ A total is kept as a small list so it serialises compactly into a Faust table va
 organisation are processed in offset order on one partition, so "apply only if the event's
 offset is greater" makes a re-delivered event (at-least-once) harmless for every total
 independently, even when a crash persisted some totals of an event and not others.
+
+A ninth element, present once a replay corrected the total, is the offset of the last
+correction message applied (on the org's control partition: another offset space than
+``last_offset``), with the same "only if greater" rule (:meth:`core.metering.Meter.reprice`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from core.usage import PricedEvent
 
 LAST_OFFSET, EVENTS, INPUT, OUTPUT, CACHE_WRITE, CACHE_READ, COST, EXTRA_COST = range(8)
 TOTAL_WIDTH = 8
+LAST_CORRECTION = 8  # optional: see the module docstring
 
 
 def org_key(org_id: str, period: str) -> str:
@@ -63,7 +68,27 @@ def apply_event(total: list[int] | None, priced: PricedEvent, offset: int) -> li
         current[CACHE_READ] + usage.cache_read_input_tokens,
         current[COST] + cost,
         current[EXTRA_COST] + (cost if priced.event.extra_usage else 0),
+        *current[TOTAL_WIDTH:],  # a replay's correction marker is kept
     ]
+
+
+def apply_correction(
+    total: list[int] | None, cost_delta: int, extra_delta: int, correction_offset: int
+) -> list[int] | None:
+    """Add a replay's cost change to a total, once per correction message.
+
+    Returns the new total, or ``None`` when the message at ``correction_offset`` was already
+    applied (a re-delivery). Counts and tokens are unchanged: a replay re-prices events, it
+    never adds or removes one. Never mutates ``total``.
+    """
+    current = total if total is not None else empty_total()
+    marker = current[LAST_CORRECTION] if len(current) > LAST_CORRECTION else -1
+    if marker >= correction_offset:
+        return None
+    updated = list(current[:TOTAL_WIDTH])
+    updated[COST] += cost_delta
+    updated[EXTRA_COST] += extra_delta
+    return [*updated, correction_offset]
 
 
 @dataclass(frozen=True, slots=True)
