@@ -52,17 +52,19 @@ class ReplayPlan:
 
 
 def plan(
-    entries: Iterable[LedgerEntry], prices: PriceTable, since_ms: int, until_ms: int
+    entries: Iterable[LedgerEntry], prices: PriceTable, since_ms: int, until_ms: int | None
 ) -> ReplayPlan:
-    """Re-price the entries with ``occurred_at`` in ``[since_ms, until_ms)``.
+    """Re-price the entries with ``occurred_at`` in ``[since_ms, until_ms)`` (no end when
+    ``until_ms`` is None).
 
     An entry the table can no longer price (its model or version was removed) is reported in
     ``unpriceable`` with the reason and left as billed: a replay never zeroes an invoice line.
     """
     result = ReplayPlan()
+    end = until_ms if until_ms is not None else float("inf")
     for entry in entries:
         event = entry.priced.event
-        if not since_ms <= event.occurred_at_ms < until_ms:
+        if not since_ms <= event.occurred_at_ms < end:
             continue
         result.in_range += 1
         try:

@@ -373,6 +373,131 @@ def report(
         _print_report(result)
 
 
+# -- replay ------------------------------------------------------------------------------
+
+
+def _instant(option: str, text: str) -> int:
+    try:
+        return int(text) if text.lstrip("-").isdigit() else iso_to_ms(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc} (e.g. 2026-10-01T00:00:00Z or epoch ms)") from None
+
+
+@cli.command()
+def replay(
+    since: Annotated[str, typer.Option("--since", help="Start of occurred_at, inclusive.")],
+    until: Annotated[
+        str | None, typer.Option("--until", help="End of occurred_at, exclusive (default: no end).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the diff; write nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="The diff as exact JSON.")] = False,
+    margin_hours: Annotated[
+        float, typer.Option(help="Seek the ledger this long before --since.")
+    ] = 2.0,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the worker to commit and apply.")
+    ] = 600.0,
+) -> None:
+    """Re-price history after a price-table fix, with a per-org, per-month diff.
+
+    Restart the workers with the new price table first (it prices new events); the replay
+    corrects the events already billed, through the running worker.
+    """
+    from jobs.replay import run_replay
+
+    since_ms = _instant("--since", since)
+    until_ms = _instant("--until", until) if until else None
+    settings = _settings()
+    labels = {
+        "scan": "reading the priced ledger",
+        "worker": "waiting for the worker's commits",
+        "apply": "worker applying the corrections",
+    }
+    with _progress() as bar:
+        tasks: dict[str, Any] = {}
+        started: dict[str, float] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(labels[stage], total=max(total, 1), rate="")
+                started[stage] = time.monotonic()
+            elapsed = time.monotonic() - started[stage]
+            rate = f"{done / elapsed:,.0f}/s" if stage == "scan" and elapsed > 0 else ""
+            bar.update(tasks[stage], completed=done, total=max(total, 1), rate=rate)
+
+        result = run_replay(
+            settings,
+            since_ms,
+            until_ms,
+            dry_run=dry_run,
+            margin_ms=int(margin_hours * 3_600_000),
+            timeout=timeout,
+            progress=progress,
+        )
+    rows = [
+        {
+            "org_id": row.org_id,
+            "month": row.month,
+            "events": row.events,
+            "old_cost_usd": str(_nano_usd(row.old_cost_nano)),
+            "new_cost_usd": str(_nano_usd(row.new_cost_nano)),
+            "delta_usd": str(_nano_usd(row.delta_nano)),
+            "old_extra_cost_usd": str(_nano_usd(row.old_extra_nano)),
+            "new_extra_cost_usd": str(_nano_usd(row.new_extra_nano)),
+            "extra_delta_usd": str(_nano_usd(row.extra_delta_nano)),
+        }
+        for row in result.months
+    ]
+    summary = {
+        "replay_id": None if dry_run else result.replay_id,
+        "dry_run": dry_run,
+        "records_scanned": result.scanned,
+        "events_in_range": result.plan.in_range,
+        "events_repriced": len(result.plan.corrections),
+        "events_unchanged": result.plan.unchanged,
+        "events_unpriceable": len(result.plan.unpriceable),
+        "scan_events_per_second": round(result.events_per_second),
+        "correction_messages": result.messages,
+    }
+    if as_json:
+        out.print_json(json.dumps({**summary, "diff": rows}))
+    else:
+        table = Table(title="Re-priced events by organisation and month (USD)")
+        for column in ("org", "month", "events", "old cost", "new cost", "delta", "extra delta"):
+            table.add_column(column, justify="left" if column in ("org", "month") else "right")
+        for row in rows:
+            table.add_row(
+                row["org_id"],
+                row["month"],
+                f"{row['events']:,}",
+                row["old_cost_usd"],
+                row["new_cost_usd"],
+                row["delta_usd"],
+                row["extra_delta_usd"],
+            )
+        out.print(table)
+        verb = "would correct" if dry_run else "corrected"
+        out.print(
+            f"{verb} {len(result.plan.corrections):,} of {result.plan.in_range:,} events in "
+            f"range ({result.scanned:,} ledger records read at "
+            f"{result.events_per_second:,.0f}/s)"
+            + ("" if dry_run else f"; replay {result.replay_id}")
+        )
+    for entry, reason in result.plan.unpriceable[:10]:
+        err.print(
+            f"warning: event {entry.priced.event.event_id} of {entry.priced.event.org_id} "
+            f"cannot be re-priced ({reason}); left as billed",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _nano_usd(nano: int) -> Decimal:
+    return Decimal(nano).scaleb(-9)
+
+
 # -- demo --------------------------------------------------------------------------------
 
 

@@ -32,6 +32,9 @@ from sinks.ddl import (
     PRICED_COLUMN_TYPES,
     PRICED_COLUMNS,
     PRICED_STORE,
+    REPLAY_COLUMN_TYPES,
+    REPLAY_COLUMNS,
+    REPLAY_STORE,
     quote_identifier,
     schema_statements,
 )
@@ -224,6 +227,25 @@ def enforcement_row_values(record: EnforcementRecord) -> tuple[Any, ...]:
     )
 
 
+def replay_row_values(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The insert tuple of one ``metering.replays`` record, in ``REPLAY_COLUMNS`` order."""
+    return (
+        record["replay_id"],
+        record["finished_at"],
+        record["since"],
+        record["until"],
+        list(record["price_versions"]),
+        list(record["versions_used"]),
+        record["records_scanned"],
+        record["events_in_range"],
+        record["events_repriced"],
+        record["events_unpriceable"],
+        record["orgs"],
+        nano_to_usd(record["old_cost_nano"]),
+        nano_to_usd(record["new_cost_nano"]),
+    )
+
+
 class ClickHouseSink(BatchingSink):
     """The :class:`~sinks.port.Sink` writing to ``<database>.priced_events_store`` and
     ``<database>.enforcement_log_store`` (run :func:`ensure_schema` first).
@@ -277,6 +299,10 @@ class ClickHouseSink(BatchingSink):
     def _write_enforcement(self, records: Sequence[EnforcementRecord]) -> None:
         values = [enforcement_row_values(record) for record in records]
         self._insert(ENFORCEMENT_STORE, values, ENFORCEMENT_COLUMNS, ENFORCEMENT_COLUMN_TYPES)
+
+    def write_replays(self, records: Sequence[Mapping[str, Any]]) -> None:
+        values = [replay_row_values(record) for record in records]
+        self._insert(REPLAY_STORE, values, REPLAY_COLUMNS, REPLAY_COLUMN_TYPES)
 
     def _close(self) -> None:
         if self._close_client:

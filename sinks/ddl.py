@@ -32,6 +32,8 @@ USER_MONTH = "user_month"
 USAGE_HOURLY = "usage_hourly"
 ENFORCEMENT_STORE = "enforcement_log_store"
 ENFORCEMENT_LOG = "enforcement_log"
+REPLAY_STORE = "replay_log_store"
+REPLAY_LOG = "replay_log"
 
 MONEY = "Decimal(38, 9)"
 """SPEC §6: money is USD as Decimal(38, 9), i.e. exactly integer nano-USD scaled by 1e-9."""
@@ -158,10 +160,32 @@ ENFORCEMENT_COLUMNS: tuple[str, ...] = _names(ENFORCEMENT_CONTRACT)
 ENFORCEMENT_COLUMN_TYPES: tuple[str, ...] = _types(ENFORCEMENT_CONTRACT)
 """ClickHouse types parallel to :data:`ENFORCEMENT_COLUMNS`."""
 
+# --- replay log ----------------------------------------------------------------------------------
+
+# One row per finished replay (``metering replay``), from the ``metering.replays`` topic.
+REPLAY_CONTRACT: tuple[Column, ...] = (
+    Column("replay_id", "String"),
+    Column("finished_at", "DateTime64(3, 'UTC')"),
+    Column("since", "DateTime64(3, 'UTC')"),
+    Column("until", "Nullable(DateTime64(3, 'UTC'))"),  # NULL: no end
+    Column("price_versions", "Array(String)"),
+    Column("versions_used", "Array(String)"),
+    Column("records_scanned", "UInt64"),
+    Column("events_in_range", "UInt64"),
+    Column("events_repriced", "UInt64"),
+    Column("events_unpriceable", "UInt64"),
+    Column("orgs", "UInt64"),
+    Column("old_cost_usd", MONEY),
+    Column("new_cost_usd", MONEY),
+)
+REPLAY_COLUMNS: tuple[str, ...] = _names(REPLAY_CONTRACT)
+REPLAY_COLUMN_TYPES: tuple[str, ...] = _types(REPLAY_CONTRACT)
+
 CONTRACT_VIEWS: dict[str, tuple[Column, ...]] = {
     PRICED_EVENTS: PRICED_EVENT_CONTRACT,
     **{name: (*groups, *MEASURES) for name, groups in _ROLLUPS.items()},
     ENFORCEMENT_LOG: ENFORCEMENT_CONTRACT,
+    REPLAY_LOG: REPLAY_CONTRACT,
 }
 """Every SPEC §6 view and the exact (name, type) columns ``DESCRIBE`` must report for it."""
 
@@ -284,6 +308,29 @@ SELECT
 FROM {qualified(database, ENFORCEMENT_STORE)} FINAL"""
 
 
+def create_replay_store(database: str = DEFAULT_DATABASE) -> str:
+    """The storage table behind ``replay_log``: one row per replay after merges."""
+    columns = _column_list(
+        (*REPLAY_CONTRACT, Column("inserted_at", "DateTime64(3, 'UTC') DEFAULT now64(3)"))
+    )
+    return f"""CREATE TABLE IF NOT EXISTS {qualified(database, REPLAY_STORE)}
+(
+{columns}
+)
+-- A sink that restarts may write a replay's record again; ReplacingMergeTree keeps one.
+ENGINE = ReplacingMergeTree
+ORDER BY replay_id"""
+
+
+def create_replay_log_view(database: str = DEFAULT_DATABASE) -> str:
+    """``replay_log``: every finished replay once, deduplicated."""
+    columns = ",\n".join(f"    {name}" for name in REPLAY_COLUMNS)
+    return f"""CREATE OR REPLACE VIEW {qualified(database, REPLAY_LOG)} AS
+SELECT
+{columns}
+FROM {qualified(database, REPLAY_STORE)} FINAL"""
+
+
 def schema_statements(database: str = DEFAULT_DATABASE) -> list[str]:
     """Every statement of the schema, in dependency order; safe to run on every start.
 
@@ -298,4 +345,6 @@ def schema_statements(database: str = DEFAULT_DATABASE) -> list[str]:
         *(create_rollup_view(name, database) for name in _ROLLUPS),
         create_enforcement_store(database),
         create_enforcement_log_view(database),
+        create_replay_store(database),
+        create_replay_log_view(database),
     ]

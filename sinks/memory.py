@@ -9,7 +9,8 @@ keeps the rows and blocks the offset commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sinks.errors import SinkError
 from sinks.port import BatchingSink, EnforcementRecord, PricedRow
@@ -22,6 +23,7 @@ class MemorySink(BatchingSink):
         super().__init__()
         self._stored: dict[tuple[str, str], PricedRow] = {}
         self._stored_enforcement: dict[str, EnforcementRecord] = {}
+        self.replays: dict[str, dict[str, Any]] = {}
         self._failures_left = 0
         self.inserts: list[tuple[str, int]] = []
         """Every successful write as (table, row count), in order: one per table per flush."""
@@ -57,6 +59,12 @@ class MemorySink(BatchingSink):
         for record in records:
             self._stored_enforcement[record.event_id] = record
         self.inserts.append(("enforcement_log_store", len(records)))
+
+    def write_replays(self, records: Sequence[Mapping[str, Any]]) -> None:
+        self._fail_if_injected()
+        for record in records:
+            self.replays[record["replay_id"]] = dict(record)
+        self.inserts.append(("replay_log_store", len(records)))
 
     def _close(self) -> None:
         self.closed = True

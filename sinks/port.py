@@ -171,6 +171,11 @@ class Sink(Protocol):
         ``None``); return how many."""
         ...
 
+    def write_replays(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Write replay-log records (``metering.replays``) at once, blocking; they are rare
+        (one per replay). Raises ``SinkError`` when the store refuses them."""
+        ...
+
     def close(self) -> None:
         """Release the store connection. Does not flush: call ``flush()`` first."""
         ...
@@ -211,6 +216,10 @@ class BatchingSink(ABC):
     @abstractmethod
     def _write_enforcement(self, records: Sequence[EnforcementRecord]) -> None:
         """Write all records in one insert; raise ``SinkError`` if the store did not accept them."""
+
+    @abstractmethod
+    def write_replays(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Write replay-log records at once (see :meth:`Sink.write_replays`)."""
 
     def _close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release store resources (called once by :meth:`close`)."""

@@ -90,11 +90,13 @@ CONTRACT_VIEWS = (
     "user_month",
     "usage_hourly",
     "enforcement_log",
+    "replay_log",
 )
 
 
 def view_rows(view: str) -> Query:
-    """Every row of one SPEC §6 view (tests and small exports; analysts use ClickHouse)."""
+    """Every row of one SPEC §6 view or of ``replay_log`` (tests and small exports; analysts
+    use ClickHouse)."""
     if view not in CONTRACT_VIEWS:
         raise ValueError(f"unknown view {view!r}; one of {', '.join(CONTRACT_VIEWS)}")
     return f"SELECT * FROM metering.{view}", {}

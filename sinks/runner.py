@@ -33,7 +33,7 @@ from sinks.port import PricedRow, Sink
 from streams import metrics
 from streams.codec import Codecs, record_to_priced
 from streams.kafka_config import aiokafka_config
-from streams.topics import BILLING, PAUSES, PRICED
+from streams.topics import BILLING, PAUSES, PRICED, REPLAYS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +90,8 @@ class SinkRunner:
         self.stopping = asyncio.Event()
         self._priced_topic = settings.topic(PRICED)
         self._billing_topic = settings.topic(BILLING)
+        self._replays_topic = settings.topic(REPLAYS)
+        self._replays: list[dict[str, Any]] = []
         self.rows_written = 0
 
     async def run(self) -> None:
@@ -105,7 +107,12 @@ class SinkRunner:
         )
         self._consumer = consumer
         consumer.subscribe(
-            [self._priced_topic, self.settings.topic(PAUSES), self._billing_topic],
+            [
+                self._priced_topic,
+                self.settings.topic(PAUSES),
+                self._billing_topic,
+                self._replays_topic,
+            ],
             listener=_Rebalance(self),
         )
         await consumer.start()
@@ -122,6 +129,9 @@ class SinkRunner:
             await consumer.stop()
 
     def _buffer(self, tp: TopicPartition, messages: list[Any]) -> None:
+        if tp.topic == self._replays_topic:
+            self._buffer_replays(tp, messages)
+            return
         if tp.topic != self._priced_topic:
             self._buffer_enforcement(tp, messages)
             return
@@ -169,6 +179,30 @@ class SinkRunner:
         if messages:
             self._offsets[tp] = messages[-1].offset + 1
 
+    def _buffer_replays(self, tp: TopicPartition, messages: list[Any]) -> None:
+        """``metering replay`` log records, written at the next flush."""
+        for message in messages:
+            try:
+                self._replays.append(self.codecs.replay.decode(message.value))
+            except MeteringError as exc:
+                metrics.SINK_UNREADABLE.inc()
+                raise SinkError(
+                    f"unreadable record at {tp.topic}[{tp.partition}]@{message.offset}: {exc}"
+                ) from None
+        if messages:
+            self._offsets[tp] = messages[-1].offset + 1
+            if self._oldest_pending is None:
+                self._oldest_pending = time.monotonic()
+
+    def _write_all(self) -> int:
+        """One flush of the buffered rows, then the replay records (store thread)."""
+        written = self.sink.flush()
+        if self._replays:
+            self.sink.write_replays(self._replays)
+            written += len(self._replays)
+            self._replays = []
+        return written
+
     def _due(self) -> bool:
         if not self._offsets:
             return False
@@ -187,7 +221,7 @@ class SinkRunner:
         while True:
             started = time.monotonic()
             try:
-                written = await self.store.run(self.sink.flush)
+                written = await self.store.run(self._write_all)
                 break
             except SinkError as exc:
                 metrics.SINK_FLUSH_FAILURES.inc()
@@ -230,5 +264,6 @@ class SinkRunner:
             await self.flush_and_commit()
         except SinkError:
             self.sink.drop_pending()  # the next owner re-reads the uncommitted rows
+            self._replays = []
             self._offsets.clear()
             self._oldest_pending = None

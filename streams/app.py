@@ -54,7 +54,7 @@ from core.totals import MonthTotals, org_key, user_key
 from core.validation import validate_usage
 from streams import metrics
 from streams.codec import Codecs, dead_letter_record, priced_to_record
-from streams.control import control_from_record
+from streams.control import RepriceMessage, control_from_record, repriced
 from streams.delivery import DeliveryGuard
 from streams.kafka_config import faust_broker_config
 from streams.output import BatchedOutput
@@ -319,12 +319,47 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         policies.put(org_id, partition, step.policy)
         publish(step, org_id, partition)
 
+    def apply_reprice(control: RepriceMessage, message: Any, now_ms: int) -> None:
+        """A replay's corrections: new prices into the dedupe records and totals, the
+        corrected priced records to the sink, then the enforcer (``REPRICED``)."""
+        partition = message.partition
+        seen_view.partition = totals_view.partition = partition
+        outcome = meter.reprice(control.command.corrections, message.offset)
+        key = control.org_id.encode()
+        for correction in outcome.applied:
+            record = priced_to_record(
+                correction.priced, correction.source_partition, correction.source_offset
+            )
+            output.add(priced_out, partition, key, codecs.priced.encode_trusted(record))
+        metrics.REPRICED.inc(len(outcome.applied))
+        if outcome.stale:
+            metrics.REPRICE_STALE.inc(len(outcome.stale))
+            log.warning(
+                "replay %s: %d correction(s) for org %s skipped, their old price is not the "
+                "one on record (another replay re-priced them?), e.g. event %s",
+                control.command.replay_id,
+                len(outcome.stale),
+                control.org_id,
+                outcome.stale[0].priced.event.event_id,
+            )
+        command = repriced(control.command, outcome.extra_delta_nano)
+        try:
+            apply_control(control.with_command(command), message, now_ms)
+        except RejectedEvent as rejected:
+            dead_letter(rejected, message, now_ms)
+
     def handle_control(message: Any) -> None:
         now_ms = int(time.time() * 1000)
         try:
-            control = control_from_record(codecs.control.decode(message.value))
+            control = control_from_record(
+                codecs.control.decode(message.value), codecs.priced.decode
+            )
         except RejectedEvent as rejected:
             dead_letter(rejected, message, now_ms)
+            return
+        if isinstance(control, RepriceMessage):
+            if not rerouted(control_out, control.org_id, message):
+                apply_reprice(control, message, now_ms)
             return
         if isinstance(control.command, PeriodTick) and not control.org_id:
             # A partition-wide tick from the period timer: every org of this partition.

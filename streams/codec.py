@@ -99,6 +99,7 @@ class Subject(StrEnum):
     BILLING = "metering.billing-value"
     CONTROL = "metering.control-value"
     DEAD_LETTER = "metering.dead-letter-value"
+    REPLAYS = "metering.replays-value"
 
 
 def subject_for_topic(topic: str) -> str:
@@ -884,6 +885,7 @@ class Codecs:
     billing: Codec
     control: ControlCodec
     dead_letter: Codec
+    replay: Codec
 
     @classmethod
     def with_resolver(cls, resolver: SchemaResolver, catalog: PinnedSchemas) -> Codecs:
@@ -901,6 +903,7 @@ class Codecs:
                 Subject.CONTROL.value, catalog.current(Subject.CONTROL.value), resolver
             ),
             dead_letter=codec(Subject.DEAD_LETTER),
+            replay=codec(Subject.REPLAYS),
         )
 
     @classmethod

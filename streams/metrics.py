@@ -25,3 +25,10 @@ ENFORCEMENT_EVENTS = Counter(
     "PAUSE, RESUME and RELOAD_REQUESTED emitted",
     ["action", "reason"],
 )
+REPRICED = Counter(
+    "metering_repriced_total", "Events whose price a replay's correction replaced in the totals"
+)
+REPRICE_STALE = Counter(
+    "metering_reprice_stale_total",
+    "Replay corrections skipped: the price on record was neither their old nor their new one",
+)

@@ -23,6 +23,7 @@ PRICED = "metering.priced"
 DEAD_LETTER = "metering.dead-letter"
 PAUSES = "metering.pauses"
 BILLING = "metering.billing"
+REPLAYS = "metering.replays"
 
 UNLIMITED = -1
 
@@ -53,6 +54,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(DEAD_LETTER, UNLIMITED, co_partitioned=True),
     TopicSpec(PAUSES, UNLIMITED, co_partitioned=True),
     TopicSpec(BILLING, UNLIMITED, co_partitioned=True),
+    # One record per finished replay (metering replay -> sink -> metering.replay_log).
+    TopicSpec(REPLAYS, UNLIMITED, co_partitioned=False),
 )
 
 

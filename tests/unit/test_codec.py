@@ -138,6 +138,22 @@ CONTROL = control(
     )
 )
 
+REPLAY_LOG: dict[str, Any] = {
+    "replay_id": "replay-20261201T000000Z-0123abcd",
+    "finished_at": 1_764_547_200_000,
+    "since": 1_759_276_800_000,
+    "until": None,
+    "price_versions": ["2025-01-01", "2026-10-01"],
+    "versions_used": ["2026-10-01"],
+    "records_scanned": 120_000,
+    "events_in_range": 80_000,
+    "events_repriced": 12_345,
+    "events_unpriceable": 0,
+    "orgs": 17,
+    "old_cost_nano": 987_654_321_000,
+    "new_cost_nano": 1_234_567_890_000,
+}
+
 DEAD_LETTER = dead_letter_record(
     reason=DeadLetterReason.UNKNOWN_MODEL,
     detail="model 'claude-9' is not in price table version 2025-01-01",
@@ -155,10 +171,11 @@ GOLDEN: dict[str, tuple[str, dict[str, Any], int]] = {
     "priced_event": ("priced", PRICED, 2),
     "pause_event": ("pause", PAUSE, 3),
     "billing_event": ("billing", RELOAD, 4),
-    "control_message": ("control", CONTROL, 5),
+    "control_message": ("control", CONTROL, 7),
     "dead_letter": ("dead_letter", DEAD_LETTER, 6),
+    "replay_log": ("replay", REPLAY_LOG, 8),
 }
-CODEC_NAMES = ("usage", "priced", "pause", "billing", "control", "dead_letter")
+CODEC_NAMES = ("usage", "priced", "pause", "billing", "control", "dead_letter", "replay")
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +468,16 @@ def test_an_id_of_another_subject_is_unknown_schema(codecs: Codecs, attr: str, g
     assert "belongs to subject" in error.detail
 
 
+def test_control_messages_written_with_the_first_schema_version_still_decode(
+    codecs: Codecs,
+) -> None:
+    """Version 2 of the control schema added the Reprice command; a worker reads records
+    written with version 1 (pinned id 5) by producers that were not upgraded yet."""
+    data = (GOLDEN_DIR / "control_message_v1.bin").read_bytes()
+    assert parse_header(data) == 5
+    assert codecs.control.decode(data) == CONTROL
+
+
 @pytest.mark.parametrize("name", GOLDEN)
 def test_every_truncation_of_a_valid_value_is_undecodable(codecs: Codecs, name: str) -> None:
     codec: Codec = getattr(codecs, GOLDEN[name][0])
@@ -606,7 +633,7 @@ def test_a_schema_that_is_not_pinned_cannot_be_written() -> None:
 def test_create_without_a_registry_uses_the_pinned_ids() -> None:
     codecs = Codecs.create(None)
     ids = [getattr(codecs, attr).writer_id for attr in CODEC_NAMES]
-    assert ids == [1, 2, 3, 4, 5, 6]
+    assert ids == [1, 2, 3, 4, 7, 6, 8]  # control is at version 2 (id 7); replays id 8
     assert [getattr(codecs, attr).subject for attr in CODEC_NAMES] == [
         "usage.events-value",
         "metering.priced-value",
@@ -614,6 +641,7 @@ def test_create_without_a_registry_uses_the_pinned_ids() -> None:
         "metering.billing-value",
         "metering.control-value",
         "metering.dead-letter-value",
+        "metering.replays-value",
     ]
 
 

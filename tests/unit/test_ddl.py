@@ -61,6 +61,8 @@ def test_statements_are_idempotent_and_in_dependency_order() -> None:
         "usage_hourly",
         "enforcement_log_store",
         "enforcement_log",
+        "replay_log_store",
+        "replay_log",
     ]
     # Every object read by a view exists before the view is created.
     for index, sql in enumerate(statements[1:]):

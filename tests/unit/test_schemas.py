@@ -191,6 +191,7 @@ def test_control_message_commands() -> None:
         "TopUp",
         "SetAutoReload",
         "PeriodTick",
+        "Reprice",
     ]
     assert symbols(schema, "CapScope") == ["ORG", "SEAT_TIER", "USER"]
     assert symbols(schema, "SeatTier") == [t.value for t in SeatTier]
