@@ -242,18 +242,13 @@ def test_sigkill_at_random_points_changes_nothing(deployment: Deployment) -> Non
     assert worker.terminate() == 0, worker.log()[-3000:]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "open bug (issue #5): after a SIGKILL and rebalance, records of the killed worker "
-        "(once a whole partition's) are missing from metering.priced although their offsets "
-        "were committed; failed in both fresh-clone CI runs and ~4 of 15 local runs, and "
-        "2 of 6 runs of the code before the write-behind state (3d9165d); root cause not "
-        "found yet"
-    ),
-)
 def test_two_workers_one_killed_mid_stream(deployment: Deployment) -> None:
     """Rebalance: two workers share the partitions, one is SIGKILLed, the other takes over.
+
+    This test found the skipped-records bug of a rebalance (streams/app.py,
+    ``seek_fresh_partitions_to_beginning``): a worker that got a never-committed partition
+    lost the records Faust dropped while it recovered its tables (the caps, or a whole
+    backlog of usage).
 
     The sink runs as its own process (``metering sink``) so that it outlives either worker.
     """
