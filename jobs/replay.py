@@ -97,7 +97,10 @@ def run_replay(
     replay_id = f"replay-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
     started = time.monotonic()
-    ledger, scanned = scan_ledger(settings, codecs, since_ms - margin_ms, report)
+    end = until_ms if until_ms is not None else float("inf")
+    ledger, scanned = scan_ledger(
+        settings, codecs, since_ms - margin_ms, report, lambda at: since_ms <= at < end
+    )
     result = ReplayResult(
         replay_id,
         since_ms,
@@ -125,11 +128,15 @@ def run_replay(
 
 
 def scan_ledger(
-    settings: Settings, codecs: Codecs, from_ms: int, progress: Progress
+    settings: Settings,
+    codecs: Codecs,
+    from_ms: int,
+    progress: Progress,
+    occurred: Callable[[int], bool] = lambda _: True,
 ) -> tuple[list[LedgerEntry], int]:
     """The latest record of every event on ``metering.priced`` written at or after
-    ``from_ms`` (record timestamps), up to the end offsets taken now; and how many records
-    were read."""
+    ``from_ms`` (record timestamps) whose ``occurred_at`` passes ``occurred``, up to the end
+    offsets taken now; and how many records were read."""
     topic = settings.topic(PRICED)
     consumer = Consumer(
         {
@@ -160,7 +167,7 @@ def scan_ledger(
             ends[start.partition] = high
             assignment.append(TopicPartition(topic, start.partition, start.offset))
         total = sum(ends[tp.partition] - tp.offset for tp in assignment)
-        latest: dict[tuple[str, str], tuple[int, int, LedgerEntry]] = {}
+        latest: dict[tuple[str, str], tuple[int, int, dict[str, Any]]] = {}
         read = 0
         if assignment:
             consumer.assign(assignment)
@@ -188,36 +195,28 @@ def scan_ledger(
                     remaining.discard(partition)
                     continue
                 read += 1
-                _keep_latest(latest, codecs, message.value(), offset, topic, partition)
+                try:
+                    record = codecs.priced.decode(message.value())
+                except MeteringError as exc:
+                    # The sink stops on the same record: never plan around a billed line.
+                    raise ReplayError(
+                        f"unreadable record at {topic}[{partition}]@{offset}: {exc}"
+                    ) from None
+                if occurred(record["occurred_at"]):
+                    key = (record["org_id"], record["event_id"])
+                    held = latest.get(key)
+                    if held is None or (record["revision"], offset) >= held[:2]:
+                        latest[key] = (record["revision"], offset, record)
                 if offset + 1 >= ends[partition]:
                     remaining.discard(partition)
             progress("scan", read, total)
-        return [entry for _, _, entry in latest.values()], read
+        entries = []
+        for _, _, record in latest.values():
+            priced, source_partition, source_offset = record_to_priced(record)
+            entries.append(LedgerEntry(priced, source_partition, source_offset))
+        return entries, read
     finally:
         consumer.close()
-
-
-def _keep_latest(
-    latest: dict[tuple[str, str], tuple[int, int, LedgerEntry]],
-    codecs: Codecs,
-    value: bytes | None,
-    offset: int,
-    topic: str,
-    partition: int,
-) -> None:
-    try:
-        priced, source_partition, source_offset = record_to_priced(codecs.priced.decode(value))
-    except MeteringError as exc:
-        # The sink stops on the same record: a replay must not plan around a billed line.
-        raise ReplayError(f"unreadable record at {topic}[{partition}]@{offset}: {exc}") from None
-    key = (priced.event.org_id, priced.event.event_id)
-    held = latest.get(key)
-    if held is None or (priced.revision, offset) >= (held[0], held[1]):
-        latest[key] = (
-            priced.revision,
-            offset,
-            LedgerEntry(priced, source_partition, source_offset),
-        )
 
 
 # -- talking to the worker ------------------------------------------------------------------

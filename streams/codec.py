@@ -980,31 +980,38 @@ def priced_to_record(
 def record_to_priced(record: Mapping[str, Any]) -> tuple[PricedEvent, int, int]:
     """The priced event, source partition and source offset of a decoded ``metering.priced``
     record (as returned by ``Codecs.priced.decode``)."""
+    # Positional arguments and enum lookups by value: the sink and the replay convert every
+    # record they read, and keyword arguments and Enum() calls doubled the cost.
     event = UsageEvent(
-        event_id=record["event_id"],
-        occurred_at_ms=record["occurred_at"],
-        org_id=record["org_id"],
-        plan=Plan(record["plan"]),
-        user_id=record["user_id"],
-        seat_tier=SeatTier(record["seat_tier"]),
-        product=Product(record["product"]),
-        model=record["model"],
-        usage=TokenUsage(
-            input_tokens=record["input_tokens"],
-            output_tokens=record["output_tokens"],
-            cache_creation_input_tokens=record["cache_creation_input_tokens"],
-            cache_read_input_tokens=record["cache_read_input_tokens"],
+        record["event_id"],
+        record["occurred_at"],
+        record["org_id"],
+        _PLANS[record["plan"]],
+        record["user_id"],
+        _SEAT_TIERS[record["seat_tier"]],
+        _PRODUCTS[record["product"]],
+        record["model"],
+        TokenUsage(
+            record["input_tokens"],
+            record["output_tokens"],
+            record["cache_creation_input_tokens"],
+            record["cache_read_input_tokens"],
         ),
-        extra_usage=record["extra_usage"],
+        record["extra_usage"],
     )
     price = Price(
-        model_family=record["model_family"],
-        pricing_version=record["pricing_version"],
-        long_context=record["long_context"],
-        cost_nano=record["cost_nano"],
+        record["model_family"],
+        record["pricing_version"],
+        record["long_context"],
+        record["cost_nano"],
     )
-    priced = PricedEvent(event=event, price=price, revision=record["revision"])
+    priced = PricedEvent(event, price, record["revision"])
     return priced, record["source_partition"], record["source_offset"]
+
+
+_PLANS: Mapping[str, Plan] = {member.value: member for member in Plan}
+_SEAT_TIERS: Mapping[str, SeatTier] = {member.value: member for member in SeatTier}
+_PRODUCTS: Mapping[str, Product] = {member.value: member for member in Product}
 
 
 def dead_letter_record(

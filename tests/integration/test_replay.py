@@ -34,10 +34,9 @@ from jobs.progress import group_position
 from streams.topics import CONTROL, PRICED, ensure_topics
 from tests.integration.conftest import _free_port
 from tests.integration.harness import Deployment, wait_for
+from tests.price_fix import FIX_INSTANT, corrected_table
 
-REPO = Path(__file__).resolve().parents[2]
-SINCE = "2026-10-01T00:00:00Z"
-FIX_MS = int(datetime(2026, 10, 1, tzinfo=UTC).timestamp() * 1000)
+SINCE = FIX_INSTANT
 VIEWS = ("priced_events", "org_month", "tier_month", "user_month", "usage_hourly")
 MODELS = (
     "claude-3-5-haiku-20241022",
@@ -46,26 +45,6 @@ MODELS = (
     "claude-sonnet-4-20250514",
     "claude-3-7-sonnet-latest",
 )
-
-
-def corrected_table(tmp_path: Path) -> Path:
-    """The shipped table plus version "2026-10-01": Haiku 3.5 input $1.00 (was $0.80) and
-    Opus 4.1 output $60 (was $75), everything else as before."""
-    text = (REPO / "data" / "price_table.toml").read_text()
-    lines = text.splitlines()
-    start = max(i for i, line in enumerate(lines) if line.strip() == "[[versions]]")
-    version = "\n".join(lines[start:])
-    version = version.replace('id = "2025-01-01"', 'id = "2026-10-01"', 1)
-    version = version.replace(
-        'effective_from = "2025-01-01T00:00:00Z"', 'effective_from = "2026-10-01T00:00:00Z"', 1
-    )
-    haiku = version.index('[versions.families."haiku-3.5"]')
-    version = version[:haiku] + version[haiku:].replace('input = "0.80"', 'input = "1"', 1)
-    opus = version.index('[versions.families."opus-4.1"]')
-    version = version[:opus] + version[opus:].replace('output = "75"', 'output = "60"', 1)
-    path = tmp_path / "price_table_fixed.toml"
-    path.write_text(text + "\n\n" + version + "\n")
-    return path
 
 
 def _event(rng: random.Random, index: int, org: str, plan: str, when_ms: int) -> dict[str, Any]:
