@@ -134,6 +134,8 @@ def test_ensure_schema_twice_is_harmless(client: Client, database: str, sink: Cl
         "org_month": "View",
         "priced_events": "View",
         "priced_events_store": "ReplacingMergeTree",
+        "replay_log": "View",
+        "replay_log_store": "ReplacingMergeTree",
         "tier_month": "View",
         "usage_hourly": "View",
         "user_month": "View",
