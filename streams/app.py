@@ -441,12 +441,14 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     next_offsets: dict[Any, int] = {}
     # Where each source partition without a committed offset starts (its log start offset).
     start_offsets: dict[Any, int] = {}
+    assigned_at = [0.0]  # when the last assignment began (table recovery time)
 
     # A rebalance ends what this worker knew of its partitions: cached policies, expected
     # offsets, and which partitions its buffered state may be written for.
     @app.on_partitions_revoked.connect
     async def on_revoked(*_: Any, **__: Any) -> None:
         start_offsets.clear()
+        metrics.CONSUMER_LAG.clear()
         policy_cache.clear()
         next_offsets.clear()
         for state in states:
@@ -454,6 +456,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
 
     @app.on_partitions_assigned.connect
     async def on_assigned(_: Any, assigned: Any = (), **__: Any) -> None:
+        assigned_at[0] = time.monotonic()
         policy_cache.clear()
         next_offsets.clear()
         owned = {tp.partition for tp in assigned if tp.topic in (usage_name, control_name)}
@@ -475,6 +478,10 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         seek_to_committed = consumer.seek_to_committed
 
         async def seek_to_committed_or_beginning() -> Any:
+            # Faust seeks the stream partitions once table recovery is complete.
+            if assigned_at[0]:
+                metrics.TABLE_RECOVERY_SECONDS.observe(time.monotonic() - assigned_at[0])
+                assigned_at[0] = 0.0
             committed = await seek_to_committed()
             fresh = [
                 tp
@@ -490,6 +497,22 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         consumer.seek_to_committed = seek_to_committed_or_beginning
 
     app.metering_consumer_hooks.append(seek_fresh_partitions_to_beginning)
+
+    @app.timer(5.0)
+    async def report_lag() -> None:
+        """``metering_consumer_lag`` per source partition this worker owns."""
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic not in (usage_name, control_name):
+                continue
+            position = next_offsets.get(tp)
+            if position is None:
+                position = consumer._committed_offset.get(tp) or start_offsets.get(tp)
+            high = consumer.highwater(tp)
+            if position is not None and high is not None:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                    max(high - position, 0)
+                )
 
     def check_contiguous(message: Any) -> None:
         tp = message.tp

@@ -32,3 +32,14 @@ REPRICE_STALE = Counter(
     "metering_reprice_stale_total",
     "Replay corrections skipped: the price on record was neither their old nor their new one",
 )
+CONSUMER_LAG = Gauge(
+    "metering_consumer_lag",
+    "Records of a source partition this worker has not processed yet (high watermark minus "
+    "the next offset to process)",
+    ["topic", "partition"],
+)
+TABLE_RECOVERY_SECONDS = Histogram(
+    "metering_table_recovery_seconds",
+    "From a partition assignment to the stream being ready: table recovery from the changelogs",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300),
+)

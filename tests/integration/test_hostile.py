@@ -17,10 +17,12 @@ import time
 from collections import Counter
 from typing import Any
 
+import httpx
+
 from jobs.producer import UsageProducer
 from streams.codec import Codecs
 from streams.topics import ensure_topics
-from tests.integration.harness import Deployment
+from tests.integration.harness import Deployment, wait_for
 from tests.integration.test_pipeline import assert_views_match, dead_letters
 from tests.oracle import expected_views
 
@@ -131,6 +133,20 @@ def test_hostile_input_is_dead_lettered_and_valid_events_are_exact(
     assert worker.process.poll() is None, worker.log()[-3000:]
     assert deployment.restarts == 0
     assert "CRITICAL" not in worker.log()
+
+    # Metrics: the worker reports its lag per source partition and its table recovery.
+    assert deployment.metric("metering_table_recovery_seconds_count") >= 1
+
+    def lags() -> list[float]:
+        text = httpx.get(f"http://127.0.0.1:{deployment.env['METERING_WEB_PORT']}/metrics").text
+        return [
+            float(line.rpartition(" ")[2])
+            for line in text.splitlines()
+            if line.startswith("metering_consumer_lag{")
+        ]
+
+    wait_for(lambda: lags() and not any(lags()), 30, "the consumer lag gauges to read 0")
+    assert len(lags()) == 2 * deployment.settings.partitions  # usage and control partitions
 
     expected = expected_views(valid, now_ms)
     assert expected.dead_letters == Counter()
