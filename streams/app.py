@@ -143,6 +143,13 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=16384,
         broker_max_poll_records=5000,
+        # A SIGKILLed worker's partitions move on after the session timeout: Faust's 60 s
+        # default made every crash a minute's stall (benchmarks/recovery.py). 10 s is Kafka's
+        # classic default; heartbeats (every 3 s) run on the consumer thread.
+        broker_session_timeout=10.0,
+        # Faust's 1 MiB per-partition fetch made table recovery read the changelogs in small
+        # steps.
+        consumer_max_fetch_size=16 * 1024 * 1024,
         Monitor=QuietMonitor,
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
