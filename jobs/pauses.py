@@ -84,6 +84,7 @@ def read_pauses(
     )
     try:
         yield from _PauseReader(
+            settings,
             consumer,
             codec_by_topic,
             follow=follow,
@@ -102,6 +103,7 @@ class _PauseReader:
 
     def __init__(
         self,
+        settings: Settings,
         consumer: Consumer,
         codec_by_topic: dict[str, Codec],
         *,
@@ -112,6 +114,7 @@ class _PauseReader:
         stall_timeout: float,
         poll_interval: float,
     ) -> None:
+        self.settings = settings
         self.consumer = consumer
         self.codec_by_topic = codec_by_topic
         self.follow = follow
@@ -148,13 +151,19 @@ class _PauseReader:
     def _assign_from_beginning(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
+        from streams.kafka_config import unreachable
+
         topics = sorted(self.codec_by_topic)
         try:
             metadata = self.consumer.list_topics(timeout=self.timeout)
         except KafkaException as exc:
             raise PauseReadError(
-                f"Kafka did not answer within {self.timeout:.0f}s ({_kafka_error(exc)}); "
-                "is it running? (`metering kafka status`, METERING_KAFKA_BOOTSTRAP)"
+                unreachable(
+                    self.settings,
+                    f"within {self.timeout:.0f}s: {_kafka_error(exc)}",
+                    "is it running? (`metering kafka status`, METERING_KAFKA_BOOTSTRAP)",
+                    self.consumer,
+                )
             ) from None
         assignment: list[TopicPartition] = []
         for topic in topics:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from typing import Any
@@ -63,10 +64,47 @@ _SILENT.addHandler(logging.NullHandler())
 _SILENT.propagate = False
 
 
+_AUTH_FAILURES: list[str] = []
+
+
+def _remember_auth_failure(error: Any) -> None:
+    """librdkafka ``error_cb``: keep authentication failures for :func:`unreachable`."""
+    from confluent_kafka import KafkaError
+
+    if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+        _AUTH_FAILURES.append(str(error.str()))
+
+
 def quiet_client_config(settings: Settings) -> dict[str, Any]:
     """librdkafka settings for short-lived command-line clients (admin, offset probes).
 
     librdkafka logs every failed reconnect to stderr; the caller turns a failure into one
-    clear line instead, so the client's own log is dropped.
+    clear line instead (:func:`unreachable`), so the client's own log is dropped, except
+    authentication failures, which are remembered to name the cause.
     """
-    return {**settings.kafka_client_config(), "logger": _SILENT}
+    return {
+        **settings.kafka_client_config(),
+        "logger": _SILENT,
+        "error_cb": _remember_auth_failure,
+    }
+
+
+def unreachable(settings: Settings, detail: str, hint: str, client: Any = None) -> str:
+    """One line for a Kafka request that failed: an authentication failure seen by a quiet
+    client (``client`` is polled once so that librdkafka delivers its queued errors) is named
+    as such, with the user and never the password; anything else gets ``hint``.
+    """
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.poll(0)
+    if _AUTH_FAILURES:
+        reason = _AUTH_FAILURES[-1]
+        password = settings.kafka_sasl_password
+        if password is not None and password.get_secret_value():
+            reason = reason.replace(password.get_secret_value(), "***")
+        return (
+            f"Kafka at {settings.kafka_bootstrap} refused the credentials of user "
+            f"{settings.kafka_sasl_username!r} ({reason}); check METERING_KAFKA_SASL_USERNAME, "
+            "METERING_KAFKA_SASL_PASSWORD and METERING_KAFKA_SASL_MECHANISM"
+        )
+    return f"Kafka at {settings.kafka_bootstrap} did not answer ({detail}); {hint}"

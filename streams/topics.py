@@ -15,7 +15,7 @@ from aiokafka.partitioner import murmur2
 
 from core.errors import ConfigError
 from core.settings import Settings
-from streams.kafka_config import quiet_client_config
+from streams.kafka_config import quiet_client_config, unreachable
 
 USAGE = "usage.events"
 CONTROL = "metering.control"
@@ -95,9 +95,12 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
         raise KafkaUnavailable(
-            f"Kafka at {settings.kafka_bootstrap} did not answer "
-            f"({exc.args[0].str() if exc.args else exc}); start it with `metering kafka start` "
-            "or set METERING_KAFKA_BOOTSTRAP"
+            unreachable(
+                settings,
+                exc.args[0].str() if exc.args else str(exc),
+                "start it with `metering kafka start` or set METERING_KAFKA_BOOTSTRAP",
+                admin,
+            )
         ) from None
     existing = metadata.topics
     problems: list[str] = []

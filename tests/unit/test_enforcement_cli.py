@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jobs.cli
+from core.settings import Settings
 from jobs import enforcement_cli
 from jobs.control import (
     ControlProducer,
@@ -611,7 +612,7 @@ def _reader(consumer: FakeConsumer, **options: Any) -> _PauseReader:
         "stall_timeout": 1.0,
         "poll_interval": 0.0,
     }
-    return _PauseReader(consumer, {"p": CODECS.pause}, **{**defaults, **options})
+    return _PauseReader(Settings(), consumer, {"p": CODECS.pause}, **{**defaults, **options})
 
 
 def test_reader_merges_partitions_by_emitted_at_and_stops_at_the_end() -> None:
