@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -63,12 +65,19 @@ def start_deployment(partitions: int) -> BenchDeployment:
 
 def ceiling(settings: object, events: int) -> float:
     """Events/s of a plain consumer that decodes every usage record."""
+    from streams.topics import USAGE
+
+    return decode_rate(settings, USAGE, "usage", events)
+
+
+def decode_rate(settings: object, topic: str, codec_name: str, events: int) -> float:
+    """Records/s of a plain consumer that reads ``topic`` (a logical name) from the beginning
+    and decodes each record with the ``codec_name`` codec, until ``events`` were read."""
     from confluent_kafka import Consumer
 
     from streams.codec import Codecs
-    from streams.topics import USAGE
 
-    codec = Codecs.from_settings(settings).usage  # type: ignore[arg-type]
+    codec = getattr(Codecs.from_settings(settings), codec_name)  # type: ignore[arg-type]
     consumer = Consumer(
         {
             **settings.kafka_client_config(),  # type: ignore[attr-defined]
@@ -77,7 +86,7 @@ def ceiling(settings: object, events: int) -> float:
             "enable.auto.commit": False,
         }
     )
-    consumer.subscribe([settings.topic(USAGE)])  # type: ignore[attr-defined]
+    consumer.subscribe([settings.topic(topic)])  # type: ignore[attr-defined]
     seen = 0
     started = None
     while seen < events:
@@ -101,3 +110,18 @@ def process_memory_mb(pid: int) -> dict[str, float]:
         if name in ("VmRSS", "VmHWM"):
             values[name] = int(rest.split()[0]) / 1024
     return values
+
+
+def spawn_worker(
+    deployment: BenchDeployment, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``metering worker --no-sink`` (and ``args``) of ``deployment``, logging to a file in
+    its work dir."""
+    log = (deployment.workdir / f"worker-{time.monotonic_ns()}.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "worker", "--no-sink", *args],
+        env={**deployment.process_env, **(env or {})},
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )

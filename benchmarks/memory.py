@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import REPO, process_memory_mb, start_deployment
+from benchmarks.harness import process_memory_mb, spawn_worker, start_deployment
 
 
 def _du_mb(path: Path) -> float:
@@ -55,20 +54,13 @@ def main() -> None:
             producer.send_event(item.event)
         producer.close()
         print(f"produced {args.users:,} events of {len(users):,} distinct users", flush=True)
-        log = (deployment.workdir / "worker.log").open("wb")
         started = time.perf_counter()
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "worker", "--no-sink"],
-            env=deployment.process_env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        worker = spawn_worker(deployment)
         while group_position(settings, settings.app_id, settings.topic(USAGE)).committed < (
             args.users
         ):
             if worker.poll() is not None:
-                raise SystemExit(f"worker exited {worker.returncode}; see {log.name}")
+                raise SystemExit(f"worker exited {worker.returncode}; see {deployment.workdir}")
             time.sleep(1.0)
         elapsed = time.perf_counter() - started
         memory = process_memory_mb(worker.pid)

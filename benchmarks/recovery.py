@@ -23,14 +23,13 @@ import argparse
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import httpx
 import orjson
 
-from benchmarks.harness import REPO, BenchDeployment, start_deployment
+from benchmarks.harness import BenchDeployment, spawn_worker, start_deployment
 
 
 def write_changelog(deployment: BenchDeployment, keys: int) -> str:
@@ -106,18 +105,11 @@ def _recovery(port: str) -> tuple[float, float] | None:
 def start_worker(deployment: BenchDeployment) -> tuple[subprocess.Popen[bytes], float, float]:
     """Start a worker; returns it, its reported recovery seconds and the wall seconds."""
     port = deployment.env_settings["METERING_WEB_PORT"]
-    log = (deployment.workdir / f"worker-{time.monotonic_ns()}.log").open("wb")
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "worker", "--no-sink"],
-        env=deployment.process_env,
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    process = spawn_worker(deployment)
     while True:
         if process.poll() is not None:
-            raise SystemExit(f"the worker exited {process.returncode}; see {log.name}")
+            raise SystemExit(f"the worker exited {process.returncode}; see {deployment.workdir}")
         reported = _recovery(port)
         if reported is not None:
             wall = time.perf_counter() - started

@@ -28,11 +28,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO, BenchDeployment, start_deployment
+from benchmarks.harness import REPO, BenchDeployment, decode_rate, spawn_worker, start_deployment
 
 MODELS = (
     "claude-3-5-haiku-20241022",
@@ -118,34 +117,9 @@ def produce_ledger(deployment: BenchDeployment, events: list[dict[str, Any]]) ->
 
 def baseline(deployment: BenchDeployment, count: int) -> float:
     """Records/s of a consumer that only decodes the ledger."""
-    from confluent_kafka import Consumer
-
-    from streams.codec import Codecs
     from streams.topics import PRICED
 
-    settings = deployment.settings
-    codec = Codecs.from_settings(settings).priced
-    consumer = Consumer(
-        {
-            **settings.kafka_client_config(),
-            "group.id": uuid.uuid4().hex,
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([settings.topic(PRICED)])
-    seen, started = 0, None
-    while seen < count:
-        batch = consumer.consume(10_000, 1.0)
-        if batch and started is None:
-            started = time.perf_counter()
-        for message in batch:
-            if not message.error():
-                codec.decode(message.value())
-                seen += 1
-    elapsed = time.perf_counter() - (started or time.perf_counter())
-    consumer.close()
-    return seen / max(elapsed, 1e-9)
+    return decode_rate(deployment.settings, PRICED, "priced", count)
 
 
 def scan_and_plan(deployment: BenchDeployment, fixed: Path) -> tuple[float, int, int]:
@@ -181,24 +155,14 @@ def apply_by_worker(count: int, fixed: Path) -> tuple[float, int]:
             producer.send_event(event)
         producer.close()
 
-        def worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-            log = (deployment.workdir / f"worker-{time.monotonic_ns()}.log").open("wb")
-            return subprocess.Popen(
-                [sys.executable, "-m", "jobs.cli", "worker", "--no-sink"],
-                env={**deployment.process_env, **env},
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        first = worker({})
+        first = spawn_worker(deployment)
         while group_position(settings, settings.app_id, settings.topic(USAGE)).lag > 0 or (
             group_position(settings, settings.app_id, settings.topic(USAGE)).end == 0
         ):
             time.sleep(1)
         first.terminate()
         first.wait(120)
-        second = worker({"METERING_PRICE_TABLE": str(fixed)})
+        second = spawn_worker(deployment, env={"METERING_PRICE_TABLE": str(fixed)})
         try:
             started = time.perf_counter()
             result = subprocess.run(

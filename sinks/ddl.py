@@ -299,13 +299,18 @@ ENGINE = ReplacingMergeTree
 ORDER BY event_id"""
 
 
-def create_enforcement_log_view(database: str = DEFAULT_DATABASE) -> str:
-    """``enforcement_log``: every PAUSE, RESUME and RELOAD_REQUESTED once, deduplicated."""
-    columns = ",\n".join(f"    {name}" for name in ENFORCEMENT_COLUMNS)
-    return f"""CREATE OR REPLACE VIEW {qualified(database, ENFORCEMENT_LOG)} AS
+def _final_view(database: str, view: str, store: str, names: tuple[str, ...]) -> str:
+    """``view``: the ``names`` columns of ``store`` read with FINAL (one row per key)."""
+    columns = ",\n".join(f"    {name}" for name in names)
+    return f"""CREATE OR REPLACE VIEW {qualified(database, view)} AS
 SELECT
 {columns}
-FROM {qualified(database, ENFORCEMENT_STORE)} FINAL"""
+FROM {qualified(database, store)} FINAL"""
+
+
+def create_enforcement_log_view(database: str = DEFAULT_DATABASE) -> str:
+    """``enforcement_log``: every PAUSE, RESUME and RELOAD_REQUESTED once, deduplicated."""
+    return _final_view(database, ENFORCEMENT_LOG, ENFORCEMENT_STORE, ENFORCEMENT_COLUMNS)
 
 
 def create_replay_store(database: str = DEFAULT_DATABASE) -> str:
@@ -324,11 +329,7 @@ ORDER BY replay_id"""
 
 def create_replay_log_view(database: str = DEFAULT_DATABASE) -> str:
     """``replay_log``: every finished replay once, deduplicated."""
-    columns = ",\n".join(f"    {name}" for name in REPLAY_COLUMNS)
-    return f"""CREATE OR REPLACE VIEW {qualified(database, REPLAY_LOG)} AS
-SELECT
-{columns}
-FROM {qualified(database, REPLAY_STORE)} FINAL"""
+    return _final_view(database, REPLAY_LOG, REPLAY_STORE, REPLAY_COLUMNS)
 
 
 def schema_statements(database: str = DEFAULT_DATABASE) -> list[str]:

@@ -54,19 +54,26 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         kafka.stop()
 
 
-@pytest.fixture
-def deployment(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Deployment]:
-    """A pipeline of its own: app id, topic prefix, data dir (chDB path) and web port."""
+def new_deployment(kafka_bootstrap: str, root: Path) -> Deployment:
+    """A pipeline of its own under ``root``: app id, topic prefix, data dir (chDB path) and
+    web port, on the given broker."""
     tag = uuid.uuid4().hex[:8]
+    root.mkdir(parents=True, exist_ok=True)
     env = {
         "METERING_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "METERING_APP_ID": f"it-{tag}",
         "METERING_TOPIC_PREFIX": f"it-{tag}.",
-        "METERING_DATA_DIR": str(tmp_path / "data"),
+        "METERING_DATA_DIR": str(root / "data"),
         "METERING_WEB_PORT": str(_free_port()),
         "METERING_PARTITIONS": "4",
     }
-    deployment = Deployment(env=env, root=tmp_path)
+    return Deployment(env=env, root=root)
+
+
+@pytest.fixture
+def deployment(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Deployment]:
+    """A pipeline of its own (:func:`new_deployment`), stopped after the test."""
+    deployment = new_deployment(kafka_bootstrap, tmp_path)
     try:
         yield deployment
     finally:

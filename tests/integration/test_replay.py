@@ -32,7 +32,7 @@ from jobs.pauses import read_pauses
 from jobs.producer import UsageProducer
 from jobs.progress import group_position
 from streams.topics import CONTROL, PRICED, ensure_topics
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import new_deployment
 from tests.integration.harness import Deployment, wait_for
 from tests.price_fix import FIX_INSTANT, corrected_table
 
@@ -117,18 +117,7 @@ def pause_events(deployment: Deployment) -> list[dict[str, Any]]:
 @pytest.fixture
 def fresh_deployment(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Deployment]:
     """A second, independent pipeline on the same broker."""
-    tag = f"fresh{_free_port()}"
-    env = {
-        "METERING_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "METERING_APP_ID": f"it-{tag}",
-        "METERING_TOPIC_PREFIX": f"it-{tag}.",
-        "METERING_DATA_DIR": str(tmp_path / "fresh-data"),
-        "METERING_WEB_PORT": str(_free_port()),
-        "METERING_PARTITIONS": "4",
-    }
-    root = tmp_path / "fresh"
-    root.mkdir()
-    deployment = Deployment(env=env, root=root)
+    deployment = new_deployment(kafka_bootstrap, tmp_path / "fresh")
     try:
         yield deployment
     finally:
