@@ -136,7 +136,9 @@ class Repriced:
     ``extra_delta_nano`` is its change of the org's extra cost (moves a Team balance);
     ``final`` marks the org's last correction message of the replay: only then is every scope
     re-decided, so a replay that moves spend both ways emits at most one transition per
-    scope, with reason ``REPRICED``. Late months count for the balance only, as late usage.
+    scope, with reason ``REPRICED``; a transition that usage causes between the org's first
+    and final message is reported as ``REPRICED`` too (``OrgPolicy.repricing``). Late months
+    count for the balance only, as late usage.
     """
 
     extra_delta_nano: int
@@ -254,6 +256,9 @@ class OrgPolicy:
     members: dict[str, Member] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
     outbox: list[list[Any]] = field(default_factory=list)
+    # True between a replay's first and final correction message for this org: a transition
+    # that usage causes meanwhile is reported as REPRICED (the totals are being corrected).
+    repricing: bool = False
 
     # -- serialisation (compact JSON for the Faust table) ----------------------------------
 
@@ -276,6 +281,7 @@ class OrgPolicy:
             },
             "offsets": self.offsets,
             "outbox": self.outbox,
+            **({"repricing": True} if self.repricing else {}),
         }
 
     @classmethod
@@ -301,6 +307,7 @@ class OrgPolicy:
             },
             offsets=dict(data.get("offsets") or {}),
             outbox=list(data.get("outbox") or []),
+            repricing=bool(data.get("repricing")),
         )
 
     # -- derived values --------------------------------------------------------------------
@@ -498,8 +505,9 @@ class Enforcer:
             member.tier = event.seat_tier.value  # a tier change carried by usage: re-decided
             changed = True
         self._spend_balance(policy, extra, emitter)
-        self._reevaluate_org(policy, spend, Trigger.USAGE, emitter)
-        self._reevaluate_user(policy, event.user_id, member, spend, Trigger.USAGE, emitter)
+        trigger = Trigger.REPRICE if policy.repricing else Trigger.USAGE
+        self._reevaluate_org(policy, spend, trigger, emitter)
+        self._reevaluate_user(policy, event.user_id, member, spend, trigger, emitter)
         return self._done(policy, USAGE_SOURCE, offset, emitter, changed)
 
     def on_control(
@@ -636,6 +644,7 @@ class Enforcer:
                 self._maybe_reload(policy, emitter)
             elif policy.reload is not None and policy.balance_nano > policy.reload[0]:
                 policy.reload_armed = True  # back above the threshold: the next crossing counts
+        policy.repricing = not command.final
         if command.final and policy.period is not None:
             self._reevaluate_all(policy, spend, Trigger.REPRICE, emitter)
 

@@ -239,9 +239,11 @@ class Meter:
                 summed[0] += cost_delta
                 summed[1] += extra
         for total_key, (cost_delta, extra) in deltas.items():
-            updated = apply_correction(self.totals.get(total_key), cost_delta, extra, offset)
-            if updated is not None:
-                self.totals[total_key] = updated
+            current = self.totals.get(total_key)
+            updated = apply_correction(current, cost_delta, extra, offset)
+            # Already applied (a re-delivery): write the value back anyway, so a changelog
+            # write that a crash lost is repaired, as for a re-delivered usage event.
+            self.totals[total_key] = updated if updated is not None else current  # type: ignore[assignment]
         return RepriceOutcome(applied, stale, extra_delta)
 
 

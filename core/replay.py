@@ -25,6 +25,7 @@ from core.metering import Correction
 from core.periods import month_of
 from core.pricing import PriceTable
 from core.usage import PricedEvent
+from core.validation import check_cost
 
 MAX_CORRECTIONS_PER_MESSAGE = 500
 """A correction carries one priced record (~200 bytes): 500 keep a message near 100 KB, far
@@ -57,8 +58,9 @@ def plan(
     """Re-price the entries with ``occurred_at`` in ``[since_ms, until_ms)`` (no end when
     ``until_ms`` is None).
 
-    An entry the table can no longer price (its model or version was removed) is reported in
-    ``unpriceable`` with the reason and left as billed: a replay never zeroes an invoice line.
+    An entry the table can no longer price (its model or version was removed, or its new cost
+    exceeds the per-request maximum) is reported in ``unpriceable`` with the reason and left
+    as billed: a replay never zeroes an invoice line.
     """
     result = ReplayPlan()
     end = until_ms if until_ms is not None else float("inf")
@@ -69,6 +71,7 @@ def plan(
         result.in_range += 1
         try:
             price = prices.price(event.model, event.usage, event.occurred_at_ms)
+            check_cost(price.cost_nano)  # as the worker: beyond the maximum is refused
         except RejectedEvent as rejected:
             result.unpriceable.append((entry, f"{rejected.reason.value}: {rejected.detail}"))
             continue

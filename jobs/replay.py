@@ -42,7 +42,7 @@ from core.replay import LedgerEntry, MonthDiff, ReplayPlan, diff, messages, plan
 from core.settings import Settings
 from jobs.progress import _retrying
 from streams.codec import Codecs, priced_to_record, record_to_priced
-from streams.kafka_config import quiet_client_config
+from streams.kafka_config import quiet_client_config, unreachable
 from streams.topics import CONTROL, PRICED, REPLAYS, USAGE, ensure_topics, partition_for
 
 DEFAULT_MARGIN_MS = 2 * 3_600_000
@@ -89,13 +89,41 @@ def run_replay(
     progress: Progress | None = None,
 ) -> ReplayResult:
     """Run one replay (see the module docstring); raises :class:`ReplayError`."""
+    from confluent_kafka import KafkaException
+
     if until_ms is not None and until_ms <= since_ms:
         raise ReplayError("--until must be later than --since")
+    if margin_ms < 0:
+        raise ReplayError("--margin-hours cannot be negative")
+    try:
+        return _run(settings, since_ms, until_ms, dry_run, prices, margin_ms, timeout, progress)
+    except KafkaException as exc:
+        detail = exc.args[0].str() if exc.args else str(exc)
+        raise ReplayError(
+            unreachable(settings, detail, "is it running? (METERING_KAFKA_BOOTSTRAP)")
+        ) from None
+
+
+def _run(
+    settings: Settings,
+    since_ms: int,
+    until_ms: int | None,
+    dry_run: bool,
+    prices: PriceTable | None,
+    margin_ms: int,
+    timeout: float,
+    progress: Progress | None,
+) -> ReplayResult:
     prices = prices or PriceTable.load(settings.price_table or default_price_table_path())
     codecs = Codecs.from_settings(settings)
     report = progress or (lambda stage, done, total: None)
     replay_id = f"replay-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
+    # Corrections still queued for the worker (an earlier replay's) would make this plan stale
+    # and could race with it: start from a ledger the worker has caught up with. A dry run
+    # never waits (it writes nothing, so it cannot race).
+    if not dry_run:
+        _wait_for_control_backlog(settings, timeout, report)
     started = time.monotonic()
     end = until_ms if until_ms is not None else float("inf")
     ledger, scanned = scan_ledger(
@@ -260,6 +288,29 @@ def _wait_for(
                 "the replay again: it only corrects what is still uncorrected"
             )
         time.sleep(0.5)
+
+
+def _wait_for_control_backlog(settings: Settings, timeout: float, progress: Progress) -> None:
+    """Wait until the worker has committed every control message written so far."""
+    topic = settings.topic(CONTROL)
+    consumer = Consumer({**quiet_client_config(settings), "group.id": settings.app_id})
+    try:
+        metadata = consumer.list_topics(topic, timeout=15)
+        if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            return
+        needed = {}
+        for partition in metadata.topics[topic].partitions:
+            low, high = _retrying(
+                consumer.get_watermark_offsets, 15, TopicPartition(topic, partition)
+            )
+            if high > low:
+                needed[partition] = high - 1
+    finally:
+        consumer.close()
+    if needed:
+        _wait_for(
+            settings, topic, needed, timeout, "worker", progress, "the pending control messages"
+        )
 
 
 def _wait_for_worker_commits(

@@ -19,11 +19,11 @@ from core.enforcement import (
     SetCap,
 )
 from core.metering import Correction, Meter, Status
-from core.periods import iso_to_ms
+from core.periods import iso_to_ms, month_of
 from core.pricing import PriceTable, PriceVersion, default_price_table_path
 from core.replay import LedgerEntry, diff, messages, plan
 from core.totals import MonthTotals, org_key
-from core.usage import Plan, Product, SeatTier, TokenUsage, UsageEvent
+from core.usage import Plan, PricedEvent, Product, SeatTier, TokenUsage, UsageEvent
 
 OLD = PriceTable.load(default_price_table_path())
 FIX = iso_to_ms("2026-10-01T00:00:00Z")
@@ -254,3 +254,64 @@ def test_a_team_balance_follows_the_corrected_extra_cost() -> None:
     )
     assert policy.balance_nano == -50
     assert [(e.action, e.reason) for e in step.events] == [(Action.PAUSE, Reason.REPRICED)]
+
+
+class RecordingDict(dict):
+    """A dict that remembers every key written (the write-behind state's changelog)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.writes: list[str] = []
+
+    def __setitem__(self, key: str, value: object) -> None:
+        self.writes.append(key)
+        super().__setitem__(key, value)
+
+
+def test_a_redelivered_message_writes_its_totals_back() -> None:
+    """A total that reached the local store but not the changelog before a crash is
+    repaired by the re-delivery, as for usage: the value is written again."""
+    stream = events(60, seed=5)
+    seen, totals, ledger = meter_all(OLD, stream)
+    corrections = plan(ledger, NEW, FIX, None).corrections
+    Meter(NEW, seen, totals).reprice(corrections, 7)
+    recording = RecordingDict(totals)
+    Meter(NEW, seen, recording).reprice(corrections, 7)
+    touched = {
+        org_key(c.priced.event.org_id, month_of(c.priced.event.occurred_at_ms)) for c in corrections
+    }
+    assert touched <= set(recording.writes)
+    assert recording == totals
+
+
+def test_usage_between_an_orgs_correction_messages_reports_repriced() -> None:
+    enforcer = Enforcer()
+    policy = OrgPolicy(plan="ENTERPRISE", period="2026-11")
+    spend = {"value": 1_200}
+
+    def lookup(period: str | None, user: str | None) -> int:
+        return spend["value"] if user is None else 0
+
+    enforcer.on_control(
+        policy, ControlMessage("m1", "org-a", 0, SetCap("ORG", 1_000)), 1, lookup, 0
+    )
+    assert policy.paused
+    # First of two correction messages: lowers spend, no decision yet.
+    spend["value"] = 700
+    first = enforcer.on_control(
+        policy, ControlMessage("m2", "org-a", 0, Repriced(-500, False)), 2, lookup, 0
+    )
+    assert first.events == [] and policy.repricing
+    assert OrgPolicy.from_json(policy.to_json()).repricing
+    # Live usage in between: the resume it causes is the correction's doing.
+    event = replace(events(40)[0][0], org_id="org-a", plan=Plan.ENTERPRISE)
+    event = replace(event, occurred_at_ms=iso_to_ms("2026-11-20T00:00:00Z"))
+    usage = PricedEvent(event, NEW.price(event.model, event.usage, event.occurred_at_ms))
+    step = enforcer.on_usage(policy, usage, 10, lookup, 0)
+    assert [(e.action, e.reason) for e in step.events if e.scope.value == "ORG"] == [
+        (Action.RESUME, Reason.REPRICED)
+    ]
+    final = enforcer.on_control(
+        policy, ControlMessage("m3", "org-a", 0, Repriced(0, True)), 3, lookup, 0
+    )
+    assert not policy.repricing and [e for e in final.events if e.scope.value == "ORG"] == []
