@@ -15,6 +15,7 @@ keeps a chDB client open across modules (session scope) would make this one fail
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -529,6 +530,78 @@ def test_connect_to_a_closed_port_fails_in_one_line_without_the_password():
     assert "OperationalError" in message  # the connection itself failed
     text = full_text(raised.value)
     assert password not in text and dsn_password not in text
+
+
+class _RefusingServer:
+    """An HTTP endpoint answering every request as a ClickHouse server answers a wrong
+    password (HTTP 516, ``Code: 516 ... AUTHENTICATION_FAILED``). No ClickHouse server runs
+    on this machine (chDB has no authentication), and what is under test is our handling of
+    the driver's error, not the server."""
+
+    def __enter__(self) -> str:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _refuse(self) -> None:
+                body = (
+                    b"Code: 516. DB::Exception: alice: Authentication failed: password is "
+                    b"incorrect, or there is no user with such name. (AUTHENTICATION_FAILED)"
+                )
+                self.send_response(516)
+                self.send_header("X-ClickHouse-Exception-Code", "516")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _refuse
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_wrong_clickhouse_password_fails_in_one_line_without_the_password():
+    password = "pw-Wr0ng-do-not-log"
+    with _RefusingServer() as url, pytest.raises(SinkError) as raised:
+        connect(url, "alice", password, connect_timeout=2)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "Authentication failed" in message or "516" in message, message
+    assert password not in full_text(raised.value)
+
+
+def test_the_cli_with_a_wrong_clickhouse_password_prints_one_line_without_it(tmp_path):
+    import subprocess
+    import sys
+
+    password = "pw-Wr0ng-cli-do-not-log"
+    with _RefusingServer() as url:
+        result = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", "report", "--org", "o", "--month", "2026-11"],
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("METERING_")},
+                "METERING_CLICKHOUSE_DSN": url,
+                "METERING_CLICKHOUSE_USER": "alice",
+                "METERING_CLICKHOUSE_PASSWORD": password,
+                "METERING_DATA_DIR": str(tmp_path),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert output.count("\n") == 1 and output.startswith("error: "), output
+    assert "516" in output or "Authentication failed" in output, output
+    assert password not in output
 
 
 def test_connect_refuses_an_unknown_scheme():
