@@ -187,7 +187,7 @@ def apply_by_worker(count: int, fixed: Path) -> tuple[float, int]:
         finally:
             second.terminate()
             second.wait(120)
-        corrected = int(json.loads(result.stdout)["events_repriced"])
+        corrected = int(json.loads(result.stdout)["events_applied"])
         return corrected / elapsed, corrected
     finally:
         deployment.kafka.stop()

@@ -456,6 +456,7 @@ def replay(
         "records_scanned": result.scanned,
         "events_in_range": result.plan.in_range,
         "events_repriced": len(result.plan.corrections),
+        "events_applied": None if dry_run else result.applied,
         "events_unchanged": result.plan.unchanged,
         "events_unpriceable": len(result.plan.unpriceable),
         "scan_events_per_second": round(result.events_per_second),
@@ -484,6 +485,15 @@ def replay(
             f"range ({result.scanned:,} ledger records read at "
             f"{result.events_per_second:,.0f}/s)"
             + ("" if dry_run else f"; replay {result.replay_id}")
+        )
+    skipped = len(result.plan.corrections) - result.applied
+    if not dry_run and skipped:
+        err.print(
+            f"warning: the worker skipped {skipped:,} correction(s) whose old price was no "
+            "longer on record (see its log and metering_reprice_stale_total); run the replay "
+            "again to plan them from the current ledger",
+            markup=False,
+            highlight=False,
         )
     for entry, reason in result.plan.unpriceable[:10]:
         err.print(

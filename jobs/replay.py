@@ -66,6 +66,8 @@ class ReplayResult:
     months: list[MonthDiff]
     sent: int = 0
     messages: int = 0
+    applied: int = 0
+    """Corrections whose corrected priced record the worker wrote (read back after the run)."""
     scan_seconds: float = 0.0
 
     @property
@@ -146,10 +148,76 @@ def _run(
 
     ensure_topics(settings)
     _wait_for_worker_commits(settings, result.plan.corrections, timeout, report)
+    marks = _end_offsets(settings, settings.topic(PRICED))
     positions = _send(settings, codecs, replay_id, result)
     _wait_until_applied(settings, positions, timeout, report)
+    result.applied = _count_applied(settings, codecs, marks, result.plan.corrections)
     _record(settings, codecs, result, prices)
     return result
+
+
+def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """High watermark of every partition of ``topic``."""
+    consumer = Consumer({**quiet_client_config(settings), "group.id": settings.app_id})
+    try:
+        metadata = consumer.list_topics(topic, timeout=15)
+        return {
+            partition: _retrying(
+                consumer.get_watermark_offsets, 15, TopicPartition(topic, partition)
+            )[1]
+            for partition in metadata.topics[topic].partitions
+        }
+    finally:
+        consumer.close()
+
+
+def _count_applied(
+    settings: Settings, codecs: Codecs, marks: dict[int, int], corrections: list[Correction]
+) -> int:
+    """How many corrections the worker applied: their corrected priced record (the planned
+    revision) was written to the ledger after ``marks``. A correction the worker skipped as
+    stale has none."""
+    topic = settings.topic(PRICED)
+    wanted = {
+        (c.priced.event.org_id, c.priced.event.event_id): c.priced.revision for c in corrections
+    }
+    ends = _end_offsets(settings, topic)
+    assignment = [
+        TopicPartition(topic, partition, offset)
+        for partition, offset in marks.items()
+        if ends.get(partition, 0) > offset
+    ]
+    if not assignment:
+        return 0
+    consumer = Consumer(
+        {
+            **quiet_client_config(settings),
+            "group.id": f"{settings.app_id}.replay",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        }
+    )
+    found: set[tuple[str, str]] = set()
+    try:
+        consumer.assign(assignment)
+        remaining = {tp.partition for tp in assignment}
+        deadline = time.monotonic() + 120
+        while remaining and time.monotonic() < deadline:
+            for message in consumer.consume(num_messages=10_000, timeout=1.0):
+                if message.error() is not None:
+                    continue
+                partition, offset = message.partition(), message.offset()
+                if offset + 1 >= ends[partition]:
+                    remaining.discard(partition)
+                if offset >= ends[partition]:
+                    continue
+                record = codecs.priced.decode(message.value())
+                key = (record["org_id"], record["event_id"])
+                if wanted.get(key) == record["revision"]:
+                    found.add(key)
+    finally:
+        consumer.close()
+    return len(found)
 
 
 # -- the ledger -----------------------------------------------------------------------------
@@ -437,7 +505,7 @@ def replay_log_record(result: ReplayResult, prices: PriceTable) -> dict[str, Any
         "versions_used": sorted(result.plan.versions_used),
         "records_scanned": result.scanned,
         "events_in_range": result.plan.in_range,
-        "events_repriced": len(result.plan.corrections),
+        "events_repriced": result.applied,
         "events_unpriceable": len(result.plan.unpriceable),
         "orgs": len({row.org_id for row in months}),
         "old_cost_nano": sum(row.old_cost_nano for row in months),
