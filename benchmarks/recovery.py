@@ -11,10 +11,11 @@ writes them, spread over 1,000 orgs and the partitions. Then:
    reads only what its local RocksDB does not have yet.
 
 For each it prints the table recovery time the worker reports
-(``metering_table_recovery_seconds``: from the assignment to the stream being ready) and the
-wall time from starting the process to that point (Python start-up, topic checks and the
-group join included). A baseline in the same run: the time a plain consumer takes to read
-the same changelog.
+(``metering_table_recovery_seconds``: Faust's recovery, from the assignment to the stream
+being ready) and the wall time from starting the process to that point: Python start-up,
+topic checks, the bulk restore of the tables (``streams.restore``, before the group join)
+and the group join included. A baseline in the same run: the time a plain consumer takes to
+read the same changelog.
 """
 
 from __future__ import annotations

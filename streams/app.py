@@ -58,6 +58,7 @@ from streams.control import RepriceMessage, control_from_record, repriced
 from streams.delivery import DeliveryGuard
 from streams.kafka_config import faust_broker_config
 from streams.output import BatchedOutput
+from streams.restore import restore_tables
 from streams.state import TableState
 from streams.topics import (
     BILLING,
@@ -113,11 +114,18 @@ class MeteringApp(faust.App):
     metering_settings: Settings
     metering_caps: Callable[[str], dict[str, Any] | None]
     metering_consumer_hooks: list[Callable[[Any], None]]
+    metering_tables: list[Any]
 
     async def on_first_start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            None, ensure_topics, self.metering_settings
-        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, ensure_topics, self.metering_settings)
+        try:
+            # On this thread, on purpose: the RocksDB handles it opens are Faust's from then
+            # on (opened from an executor thread, the worker hung closing them at SIGTERM).
+            # Nothing else runs yet: the worker has not joined its group.
+            restore_tables(self.metering_settings, self.metering_tables)
+        except Exception:  # Faust's own recovery restores everything anyway, only slower
+            log.warning("bulk restore of the tables failed; Faust recovers them", exc_info=True)
         for hook in self.metering_consumer_hooks:
             hook(self.consumer)  # before the consumer joins its group
         await super().on_first_start()
@@ -180,6 +188,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         )
         for name, text in TABLES.items()
     }
+    app.metering_tables = list(tables.values())
     delivery = DeliveryGuard()
     delivery.install(app)
     output = BatchedOutput(lambda: app.producer._ensure_producer(), delivery.track)
