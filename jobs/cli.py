@@ -405,6 +405,7 @@ def replay(
     Restart the workers with the new price table first (it prices new events); the replay
     corrects the events already billed, through the running worker.
     """
+    from jobs.control import format_usd
     from jobs.replay import run_replay
 
     since_ms = _instant("--since", since)
@@ -441,12 +442,12 @@ def replay(
             "org_id": row.org_id,
             "month": row.month,
             "events": row.events,
-            "old_cost_usd": str(_nano_usd(row.old_cost_nano)),
-            "new_cost_usd": str(_nano_usd(row.new_cost_nano)),
-            "delta_usd": str(_nano_usd(row.delta_nano)),
-            "old_extra_cost_usd": str(_nano_usd(row.old_extra_nano)),
-            "new_extra_cost_usd": str(_nano_usd(row.new_extra_nano)),
-            "extra_delta_usd": str(_nano_usd(row.extra_delta_nano)),
+            "old_cost_usd": format_usd(row.old_cost_nano),
+            "new_cost_usd": format_usd(row.new_cost_nano),
+            "delta_usd": format_usd(row.delta_nano),
+            "old_extra_cost_usd": format_usd(row.old_extra_nano),
+            "new_extra_cost_usd": format_usd(row.new_extra_nano),
+            "extra_delta_usd": format_usd(row.extra_delta_nano),
         }
         for row in result.months
     ]
@@ -502,10 +503,6 @@ def replay(
             markup=False,
             highlight=False,
         )
-
-
-def _nano_usd(nano: int) -> Decimal:
-    return Decimal(nano).scaleb(-9)
 
 
 # -- demo --------------------------------------------------------------------------------
