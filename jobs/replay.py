@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from core.errors import MeteringError
 from core.metering import Correction
@@ -42,7 +42,7 @@ from core.replay import LedgerEntry, MonthDiff, ReplayPlan, diff, messages, plan
 from core.settings import Settings
 from jobs.progress import _retrying
 from streams.codec import Codecs, priced_to_record, record_to_priced
-from streams.kafka_config import quiet_client_config, unreachable
+from streams.kafka_config import quiet_client_config, read_ranges, unreachable
 from streams.topics import CONTROL, PRICED, REPLAYS, USAGE, ensure_topics, partition_for
 
 DEFAULT_MARGIN_MS = 2 * 3_600_000
@@ -148,7 +148,7 @@ def _run(
 
     ensure_topics(settings)
     _wait_for_worker_commits(settings, result.plan.corrections, timeout, report)
-    marks = _end_offsets(settings, settings.topic(PRICED))
+    marks = {p: high for p, (_, high) in _watermarks(settings, settings.topic(PRICED)).items()}
     positions = _send(settings, codecs, replay_id, result)
     _wait_until_applied(settings, positions, timeout, report)
     result.applied = _count_applied(settings, codecs, marks, result.plan.corrections)
@@ -156,19 +156,36 @@ def _run(
     return result
 
 
-def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    """High watermark of every partition of ``topic``."""
+def _watermarks(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
+    """(low, high) watermark of every partition of ``topic`` (none when it does not exist)."""
     consumer = Consumer({**quiet_client_config(settings), "group.id": settings.app_id})
     try:
         metadata = consumer.list_topics(topic, timeout=15)
+        if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            return {}
         return {
             partition: _retrying(
                 consumer.get_watermark_offsets, 15, TopicPartition(topic, partition)
-            )[1]
+            )
             for partition in metadata.topics[topic].partitions
         }
     finally:
         consumer.close()
+
+
+def _reader(settings: Settings) -> Consumer:
+    """A consumer that reads assigned ranges of the ledger (never joins or commits)."""
+    return Consumer(
+        {
+            **quiet_client_config(settings),
+            "group.id": f"{settings.app_id}.replay",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+        }
+    )
 
 
 def _count_applied(
@@ -181,40 +198,18 @@ def _count_applied(
     wanted = {
         (c.priced.event.org_id, c.priced.event.event_id): c.priced.revision for c in corrections
     }
-    ends = _end_offsets(settings, topic)
-    assignment = [
-        TopicPartition(topic, partition, offset)
-        for partition, offset in marks.items()
-        if ends.get(partition, 0) > offset
-    ]
-    if not assignment:
-        return 0
-    consumer = Consumer(
-        {
-            **quiet_client_config(settings),
-            "group.id": f"{settings.app_id}.replay",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-        }
-    )
+    ranges = {
+        partition: (marks.get(partition, low), high)
+        for partition, (low, high) in _watermarks(settings, topic).items()
+    }
+    consumer = _reader(settings)
     found: set[tuple[str, str]] = set()
     try:
-        consumer.assign(assignment)
-        remaining = {tp.partition for tp in assignment}
-        deadline = time.monotonic() + 120
-        while remaining and time.monotonic() < deadline:
-            for message in consumer.consume(num_messages=10_000, timeout=1.0):
-                if message.error() is not None:
-                    continue
-                partition, offset = message.partition(), message.offset()
-                if offset + 1 >= ends[partition]:
-                    remaining.discard(partition)
-                if offset >= ends[partition]:
-                    continue
-                record = codecs.priced.decode(message.value())
-                key = (record["org_id"], record["event_id"])
-                if wanted.get(key) == record["revision"]:
-                    found.add(key)
+        for message in read_ranges(consumer, topic, ranges):
+            record = codecs.priced.decode(message.value())
+            key = (record["org_id"], record["event_id"])
+            if wanted.get(key) == record["revision"]:
+                found.add(key)
     finally:
         consumer.close()
     return len(found)
@@ -234,78 +229,39 @@ def scan_ledger(
     ``from_ms`` (record timestamps) whose ``occurred_at`` passes ``occurred``, up to the end
     offsets taken now; and how many records were read."""
     topic = settings.topic(PRICED)
-    consumer = Consumer(
-        {
-            **quiet_client_config(settings),
-            "group.id": f"{settings.app_id}.replay",
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-        }
-    )
+    watermarks = _watermarks(settings, topic)
+    if not watermarks:
+        return [], 0  # nothing was ever priced
+    consumer = _reader(settings)
     try:
-        metadata = consumer.list_topics(topic, timeout=15)
-        if topic not in metadata.topics or metadata.topics[topic].error is not None:
-            return [], 0  # nothing was ever priced
-        partitions = sorted(metadata.topics[topic].partitions)
-        wanted = [TopicPartition(topic, p, max(from_ms, 0)) for p in partitions]
-        starts = _retrying(consumer.offsets_for_times, 15, wanted)
-        ends: dict[int, int] = {}
-        assignment = []
-        for start in starts:
-            _, high = _retrying(
-                consumer.get_watermark_offsets, 15, TopicPartition(topic, start.partition)
-            )
-            if start.offset < 0 or start.offset >= high:
-                continue  # no record at or after from_ms
-            ends[start.partition] = high
-            assignment.append(TopicPartition(topic, start.partition, start.offset))
-        total = sum(ends[tp.partition] - tp.offset for tp in assignment)
+        wanted = [TopicPartition(topic, p, max(from_ms, 0)) for p in sorted(watermarks)]
+        ranges = {
+            start.partition: (start.offset, watermarks[start.partition][1])
+            for start in _retrying(consumer.offsets_for_times, 15, wanted)
+            if start.offset >= 0  # -1: no record at or after from_ms
+        }
+        total = sum(max(end - start, 0) for start, end in ranges.values())
         latest: dict[tuple[str, str], tuple[int, int, dict[str, Any]]] = {}
         read = 0
-        if assignment:
-            consumer.assign(assignment)
-        remaining = set(ends)
         progress("scan", 0, total)
-        idle_since = time.monotonic()
-        while remaining:
-            batch = consumer.consume(num_messages=10_000, timeout=1.0)
-            if not batch:
-                if time.monotonic() - idle_since > 60:
-                    raise ReplayError(
-                        f"reading {topic} stalled for 60 s with partitions "
-                        f"{sorted(remaining)} unfinished; is Kafka up?"
-                    )
-                continue
-            idle_since = time.monotonic()
-            for message in batch:
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        continue
-                    raise ReplayError(f"reading {topic}: {error.str()}")
-                partition, offset = message.partition(), message.offset()
-                if offset >= ends[partition]:
-                    remaining.discard(partition)
-                    continue
-                read += 1
-                try:
-                    record = codecs.priced.decode(message.value())
-                except MeteringError as exc:
-                    # The sink stops on the same record: never plan around a billed line.
-                    raise ReplayError(
-                        f"unreadable record at {topic}[{partition}]@{offset}: {exc}"
-                    ) from None
-                if occurred(record["occurred_at"]):
-                    key = (record["org_id"], record["event_id"])
-                    held = latest.get(key)
-                    if held is None or (record["revision"], offset) >= held[:2]:
-                        latest[key] = (record["revision"], offset, record)
-                if offset + 1 >= ends[partition]:
-                    remaining.discard(partition)
-            progress("scan", read, total)
+        for message in read_ranges(consumer, topic, ranges):
+            read += 1
+            offset = message.offset()
+            try:
+                record = codecs.priced.decode(message.value())
+            except MeteringError as exc:
+                # The sink stops on the same record: never plan around a billed line.
+                raise ReplayError(
+                    f"unreadable record at {topic}[{message.partition()}]@{offset}: {exc}"
+                ) from None
+            if occurred(record["occurred_at"]):
+                key = (record["org_id"], record["event_id"])
+                held = latest.get(key)
+                if held is None or (record["revision"], offset) >= held[:2]:
+                    latest[key] = (record["revision"], offset, record)
+            if read % 10_000 == 0:
+                progress("scan", read, total)
+        progress("scan", read, total)
         entries = []
         for _, _, record in latest.values():
             priced, source_partition, source_offset = record_to_priced(record)
@@ -316,18 +272,6 @@ def scan_ledger(
 
 
 # -- talking to the worker ------------------------------------------------------------------
-
-
-def _committed(settings: Settings, topic: str, partitions: list[int]) -> dict[int, int]:
-    """The worker group's committed offsets (-1 when none) of ``topic``'s partitions."""
-    consumer = Consumer(
-        {**quiet_client_config(settings), "group.id": settings.app_id, "enable.auto.commit": False}
-    )
-    try:
-        tps = [TopicPartition(topic, p) for p in partitions]
-        return {tp.partition: tp.offset for tp in _retrying(consumer.committed, 15, tps)}
-    finally:
-        consumer.close()
 
 
 def _wait_for(
@@ -343,38 +287,33 @@ def _wait_for(
     passes the offset given for it."""
     deadline = time.monotonic() + timeout
     total = len(needed)
-    while True:
-        committed = _committed(settings, topic, sorted(needed))
-        behind = {p: o for p, o in needed.items() if committed.get(p, -1) <= o}
-        progress(stage, total - len(behind), total)
-        if not behind:
-            return
-        if time.monotonic() > deadline:
-            raise ReplayError(
-                f"the worker ({settings.app_id}) has not committed {what} within {timeout:.0f}s "
-                f"(partitions {sorted(behind)} of {topic}); start `metering worker` and run "
-                "the replay again: it only corrects what is still uncorrected"
-            )
-        time.sleep(0.5)
+    tps = [TopicPartition(topic, p) for p in sorted(needed)]
+    # Reads the group's commits without joining it (no rebalance is caused).
+    consumer = Consumer(
+        {**quiet_client_config(settings), "group.id": settings.app_id, "enable.auto.commit": False}
+    )
+    try:
+        while True:
+            committed = {tp.partition: tp.offset for tp in _retrying(consumer.committed, 15, tps)}
+            behind = {p: o for p, o in needed.items() if committed.get(p, -1) <= o}
+            progress(stage, total - len(behind), total)
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise ReplayError(
+                    f"the worker ({settings.app_id}) has not committed {what} within "
+                    f"{timeout:.0f}s (partitions {sorted(behind)} of {topic}); start `metering "
+                    "worker` and run the replay again: it only corrects what is still uncorrected"
+                )
+            time.sleep(0.5)
+    finally:
+        consumer.close()
 
 
 def _wait_for_control_backlog(settings: Settings, timeout: float, progress: Progress) -> None:
     """Wait until the worker has committed every control message written so far."""
     topic = settings.topic(CONTROL)
-    consumer = Consumer({**quiet_client_config(settings), "group.id": settings.app_id})
-    try:
-        metadata = consumer.list_topics(topic, timeout=15)
-        if topic not in metadata.topics or metadata.topics[topic].error is not None:
-            return
-        needed = {}
-        for partition in metadata.topics[topic].partitions:
-            low, high = _retrying(
-                consumer.get_watermark_offsets, 15, TopicPartition(topic, partition)
-            )
-            if high > low:
-                needed[partition] = high - 1
-    finally:
-        consumer.close()
+    needed = {p: high - 1 for p, (low, high) in _watermarks(settings, topic).items() if high > low}
     if needed:
         _wait_for(
             settings, topic, needed, timeout, "worker", progress, "the pending control messages"

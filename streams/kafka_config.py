@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from core.errors import MeteringError
 from core.settings import Settings
 
 
@@ -72,7 +75,7 @@ def _remember_auth_failure(error: Any) -> None:
     from confluent_kafka import KafkaError
 
     if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
-        _AUTH_FAILURES.append(str(error.str()))
+        _AUTH_FAILURES[:] = [str(error.str())]  # the latest is the one to name
 
 
 def quiet_client_config(settings: Settings) -> dict[str, Any]:
@@ -108,3 +111,59 @@ def unreachable(settings: Settings, detail: str, hint: str, client: Any = None) 
             "METERING_KAFKA_SASL_PASSWORD and METERING_KAFKA_SASL_MECHANISM"
         )
     return f"Kafka at {settings.kafka_bootstrap} did not answer ({detail}); {hint}"
+
+
+class KafkaReadError(MeteringError):
+    """Reading a range of a topic stalled or the broker refused it (one line)."""
+
+
+def read_ranges(
+    consumer: Any,
+    topic: str,
+    ranges: Mapping[int, tuple[int, int]],
+    stall_seconds: float = 60.0,
+) -> Iterator[Any]:
+    """Every message of ``topic`` with an offset in ``[start, end)`` of its partition
+    (``ranges``: partition -> (start, end)), as ``consumer`` delivers them in batches.
+
+    The consumer must be created with ``enable.partition.eof``: a partition is done at ``end``
+    or at the end of its log, whichever comes first (compaction may have removed the last
+    offsets). Raises :class:`KafkaReadError` when nothing arrives for ``stall_seconds`` or the
+    broker reports an error. The consumer is unassigned afterwards.
+    """
+    from confluent_kafka import KafkaError, TopicPartition
+
+    remaining = {partition for partition, (start, end) in ranges.items() if end > start}
+    if not remaining:
+        return
+    consumer.assign([TopicPartition(topic, p, ranges[p][0]) for p in sorted(remaining)])
+    idle_since = time.monotonic()
+    try:
+        while remaining:
+            batch = consumer.consume(num_messages=10_000, timeout=1.0)
+            if not batch:
+                if time.monotonic() - idle_since > stall_seconds:
+                    raise KafkaReadError(
+                        f"reading {topic} stalled for {stall_seconds:.0f} s with partitions "
+                        f"{sorted(remaining)} unfinished; is Kafka up?"
+                    )
+                continue
+            idle_since = time.monotonic()
+            for message in batch:
+                partition = message.partition()
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        raise KafkaReadError(f"reading {topic}: {error.str()}")
+                    remaining.discard(partition)
+                    continue
+                if partition not in remaining:
+                    continue
+                end = ranges[partition][1]
+                offset = message.offset()
+                if offset + 1 >= end:
+                    remaining.discard(partition)
+                if offset < end:
+                    yield message
+    finally:
+        consumer.unassign()

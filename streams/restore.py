@@ -26,7 +26,7 @@ import rocksdict
 from faust.types import TP
 
 from core.settings import Settings
-from streams.kafka_config import quiet_client_config
+from streams.kafka_config import quiet_client_config, read_ranges
 
 log = logging.getLogger(__name__)
 
@@ -80,46 +80,27 @@ def restore_tables(settings: Settings, tables: Iterable[Any], threshold: int = 2
 def _restore_partition(
     consumer: Any, store: Any, topic: str, partition: int, start: int, high: int
 ) -> int:
-    from confluent_kafka import KafkaError, TopicPartition
-
     db = store._db_for_partition(partition)
-    consumer.assign([TopicPartition(topic, partition, start)])
+    tp = TP(topic, partition)
     batch = rocksdict.WriteBatch(raw_mode=True)
     pending = count = 0
     last = start - 1
-    idle_since = time.monotonic()
-    while last < high - 1:
-        messages = consumer.consume(num_messages=10_000, timeout=1.0)
-        if not messages:
-            if time.monotonic() - idle_since > 60:
-                raise RuntimeError(f"restoring {topic}[{partition}] stalled at offset {last}")
-            continue
-        idle_since = time.monotonic()
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    high = last + 1  # the end (compaction may have removed the last offsets)
-                continue
-            offset = message.offset()
-            if offset >= high:
-                last = high - 1
-                break
-            value = message.value()
-            if value is None:
-                batch.delete(message.key())
-            else:
-                batch.put(message.key(), value)
-            last = offset
-            pending += 1
-            count += 1
+    for message in read_ranges(consumer, topic, {partition: (start, high)}):
+        value = message.value()
+        if value is None:
+            batch.delete(message.key())
+        else:
+            batch.put(message.key(), value)
+        last = message.offset()
+        pending += 1
+        count += 1
         if pending >= BATCH:
             db.write(batch)
-            store.set_persisted_offset(TP(topic, partition), last)
+            store.set_persisted_offset(tp, last)
             batch = rocksdict.WriteBatch(raw_mode=True)
             pending = 0
     if pending:
         db.write(batch)
-    store.set_persisted_offset(TP(topic, partition), last)
-    consumer.unassign()
+    if last >= start:
+        store.set_persisted_offset(tp, last)
     return count
