@@ -74,7 +74,8 @@ def produce_ledger(deployment: BenchDeployment, events: list[dict[str, Any]]) ->
     from confluent_kafka import Producer
 
     from core.pricing import PriceTable, default_price_table_path
-    from core.usage import Plan, PricedEvent, Product, SeatTier, TokenUsage, UsageEvent
+    from core.usage import PricedEvent
+    from core.validation import validate_usage
     from streams.codec import Codecs, priced_to_record
     from streams.kafka_config import quiet_client_config
     from streams.topics import PRICED, partition_for
@@ -84,24 +85,9 @@ def produce_ledger(deployment: BenchDeployment, events: list[dict[str, Any]]) ->
     prices = PriceTable.load(default_price_table_path())
     producer = Producer({**quiet_client_config(settings), "linger.ms": 50})
     topic = settings.topic(PRICED)
+    now_ms = int(time.time() * 1000)
     for offset, raw in enumerate(events):
-        event = UsageEvent(
-            raw["event_id"],
-            raw["occurred_at"],
-            raw["org_id"],
-            Plan(raw["plan"]),
-            raw["user_id"],
-            SeatTier(raw["seat_tier"]),
-            Product(raw["product"]),
-            raw["model"],
-            TokenUsage(
-                raw["input_tokens"],
-                raw["output_tokens"],
-                raw["cache_creation_input_tokens"],
-                raw["cache_read_input_tokens"],
-            ),
-            raw["extra_usage"],
-        )
+        event = validate_usage(raw, now_ms)
         priced = PricedEvent(event, prices.price(event.model, event.usage, event.occurred_at_ms))
         partition = partition_for(event.org_id, settings.partitions)
         value = codecs.priced.encode_trusted(priced_to_record(priced, partition, offset))
