@@ -166,17 +166,23 @@ class Deployment:
 
         wait_for(caught_up, timeout, "the worker and the sink to catch up")
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """A Prometheus sample from the running worker's ``/metrics`` (0 when absent)."""
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """The Prometheus samples whose name (with labels) starts with ``prefix``, from the
+        ``/metrics`` of the process serving the deployment's web port."""
         import httpx
 
         text = httpx.get(f"http://127.0.0.1:{self.env['METERING_WEB_PORT']}/metrics").text
-        wanted = f"{name}{{{labels}}}" if labels else name
+        samples = {}
         for line in text.splitlines():
             sample, _, value = line.rpartition(" ")
-            if sample == wanted:
-                return float(value)
-        return 0.0
+            if sample.startswith(prefix) and not line.startswith("#"):
+                samples[sample] = float(value)
+        return samples
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One Prometheus sample (0 when absent); see :meth:`metrics`."""
+        wanted = f"{name}{{{labels}}}" if labels else name
+        return self.metrics(wanted).get(wanted, 0.0)
 
     def view(self, name: str) -> list[dict[str, Any]]:
         """Every row of a SPEC §6 view, read through whichever process owns the store."""

@@ -17,8 +17,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import httpx
-
 from jobs.producer import UsageProducer
 from streams.codec import Codecs
 from streams.topics import ensure_topics
@@ -138,12 +136,7 @@ def test_hostile_input_is_dead_lettered_and_valid_events_are_exact(
     assert deployment.metric("metering_table_recovery_seconds_count") >= 1
 
     def lags() -> list[float]:
-        text = httpx.get(f"http://127.0.0.1:{deployment.env['METERING_WEB_PORT']}/metrics").text
-        return [
-            float(line.rpartition(" ")[2])
-            for line in text.splitlines()
-            if line.startswith("metering_consumer_lag{")
-        ]
+        return list(deployment.metrics("metering_consumer_lag{").values())
 
     wait_for(lambda: lags() and not any(lags()), 30, "the consumer lag gauges to read 0")
     assert len(lags()) == 2 * deployment.settings.partitions  # usage and control partitions

@@ -15,8 +15,6 @@ import subprocess
 import sys
 import time
 
-import httpx
-
 from jobs.progress import group_position
 from streams.topics import PRICED, USAGE
 from tests.integration.conftest import _free_port
@@ -25,15 +23,6 @@ from tests.integration.test_pipeline import _records, assert_views_match
 from tests.oracle import expected_views
 
 OUTAGE_SECONDS = 60
-
-
-def _metric(port: str, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample == name:
-            return float(value)
-    return 0.0
 
 
 def test_a_60_second_clickhouse_outage_loses_and_doubles_nothing(
@@ -57,7 +46,6 @@ def test_a_60_second_clickhouse_outage_loses_and_doubles_nothing(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    port = deployment.env["METERING_WEB_PORT"]
     try:
         wait_for(
             lambda: "ClickHouse write failed" in log_path.read_text(errors="replace"),
@@ -76,7 +64,7 @@ def test_a_60_second_clickhouse_outage_loses_and_doubles_nothing(
             assert priced.end > 0 and priced.committed == 0, priced
             assert sink.poll() is None, log_path.read_text()[-3000:]
             time.sleep(2)
-        assert _metric(port, "metering_sink_flush_failures_total") >= 3
+        assert deployment.metric("metering_sink_flush_failures_total") >= 3
 
         # After the outage: everything written and committed.
         wait_for(
@@ -86,7 +74,7 @@ def test_a_60_second_clickhouse_outage_loses_and_doubles_nothing(
         )
         text = log_path.read_text(errors="replace")
         assert "ClickHouse writes recovered" in text
-        failures = _metric(port, "metering_sink_flush_failures_total")
+        failures = deployment.metric("metering_sink_flush_failures_total")
         assert text.count("ClickHouse write failed") == failures
         assert "Traceback" not in text
     finally:
