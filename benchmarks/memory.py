@@ -48,8 +48,11 @@ def main() -> None:
             duplicate_fraction=0.0,
         )
         users: set[str] = set()
-        for item in generate(config, int(time.time() * 1000)):
+        for index, item in enumerate(generate(config, int(time.time() * 1000))):
             assert item.event is not None
+            # The generator draws members at random (1M draws hit ~490k of them): suffix
+            # the index so every event is a member of its own and the count is exact.
+            item.event["user_id"] = f"{item.event['user_id']}-{index}"
             users.add(f"{item.event['org_id']}/{item.event['user_id']}")
             producer.send_event(item.event)
         producer.close()

@@ -29,10 +29,10 @@ deterministic ids), so a crash between the state write and the sends loses nothi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from core.errors import DeadLetterReason, RejectedEvent
 from core.periods import month_of
@@ -230,12 +230,46 @@ def event_id(
 
 @dataclass(slots=True)
 class Member:
-    """A member's USER scope. ``tier`` is None until the member's first usage event."""
+    """A member's USER scope. ``tier`` is None until the member's first usage event.
+
+    ``usage_offset`` is the offset of the last usage event that changed the member. A usage
+    event that changes only its member (its first event, a tier change) leaves the policy,
+    and so the policy's offsets, as they were; the member's own offset is what makes a
+    re-delivery of such an event harmless (the rule every total follows, core.totals).
+    """
 
     tier: str | None = None
     cap_nano: int | None = None
     disabled: bool = False
     paused: bool = False
+    usage_offset: int = -1
+
+    def to_list(self) -> list[Any]:
+        """Compact form: ``[tier, cap_nano, disabled, paused, usage_offset]``."""
+        return [self.tier, self.cap_nano, int(self.disabled), int(self.paused), self.usage_offset]
+
+    @classmethod
+    def from_list(cls, value: list[Any]) -> Member:
+        offset = value[4] if len(value) > 4 else -1
+        return cls(value[0], value[1], bool(value[2]), bool(value[3]), offset)
+
+    def copy(self) -> Member:
+        return Member(self.tier, self.cap_nano, self.disabled, self.paused, self.usage_offset)
+
+
+class MemberMap(Protocol):
+    """Where an organisation's members live: a plain ``dict`` in memory, or the worker's
+    view of its state store, where every member is a key of its own so that an org's policy
+    does not grow with its membership (an org of 25,000 members would not fit in one Kafka
+    message). ``items`` may be slow (it reads every member): the core calls it only for
+    inputs that concern every member (a SEAT_TIER cap, a new month, a replay's end) and
+    for ``describe``."""
+
+    def get(self, user_id: str, /) -> Member | None: ...
+
+    def __setitem__(self, user_id: str, member: Member, /) -> None: ...
+
+    def items(self) -> Iterable[tuple[str, Member]]: ...
 
 
 @dataclass(slots=True)
@@ -253,7 +287,7 @@ class OrgPolicy:
     reload: tuple[int, int] | None = None
     reload_armed: bool = True
     paused: bool = False
-    members: dict[str, Member] = field(default_factory=dict)
+    members: MemberMap = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
     outbox: list[list[Any]] = field(default_factory=list)
     # True between a replay's first and final correction message for this org: a transition
@@ -262,8 +296,10 @@ class OrgPolicy:
 
     # -- serialisation (compact JSON for the Faust table) ----------------------------------
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, include_members: bool = True) -> dict[str, Any]:
+        """The policy as JSON-ready values; ``include_members`` False leaves the members out
+        (the worker stores each member under a key of its own)."""
+        data = {
             "plan": self.plan,
             "period": self.period,
             "org_cap": self.org_cap_nano,
@@ -275,14 +311,13 @@ class OrgPolicy:
             "reload": list(self.reload) if self.reload else None,
             "reload_armed": self.reload_armed,
             "paused": self.paused,
-            "members": {
-                user: [m.tier, m.cap_nano, int(m.disabled), int(m.paused)]
-                for user, m in self.members.items()
-            },
             "offsets": self.offsets,
             "outbox": self.outbox,
             **({"repricing": True} if self.repricing else {}),
         }
+        if include_members:
+            data["members"] = {user: m.to_list() for user, m in self.members.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> OrgPolicy:
@@ -301,10 +336,7 @@ class OrgPolicy:
             reload=(reload[0], reload[1]) if reload else None,
             reload_armed=bool(data.get("reload_armed", True)),
             paused=bool(data.get("paused")),
-            members={
-                user: Member(v[0], v[1], bool(v[2]), bool(v[3]))
-                for user, v in (data.get("members") or {}).items()
-            },
+            members={user: Member.from_list(v) for user, v in (data.get("members") or {}).items()},
             offsets=dict(data.get("offsets") or {}),
             outbox=list(data.get("outbox") or []),
             repricing=bool(data.get("repricing")),
@@ -395,13 +427,18 @@ class Step:
 
     ``changed`` is False when the input left the policy as it was (most usage events of an
     org without a Team balance): the adapter then skips the table write. That is safe because
-    such an input emitted nothing, so a re-delivery has nothing to re-send.
+    such an input emitted nothing, so a re-delivery has nothing to re-send. Members are
+    stored apart from the policy: ``touched`` names those to write, whatever ``changed`` says
+    (a member's first event, or a tier change, is applied again harmlessly on re-delivery).
     """
 
     policy: OrgPolicy
     events: list[EnforcementEvent]
     redelivered: bool = False
     changed: bool = True
+    # Members this input created or changed (to store), or, for a re-delivery, the members
+    # the original input touched (to store again: a repair write, as for every table).
+    touched: dict[str, Member] = field(default_factory=dict)
 
 
 class _Emitter:
@@ -411,6 +448,7 @@ class _Emitter:
         self.now_ms = now_ms
         self.period = period
         self.events: list[EnforcementEvent] = []
+        self.touched: dict[str, Member] = {}
 
     def emit(
         self,
@@ -480,6 +518,11 @@ class Enforcer:
         if redelivery is not None:
             return redelivery
         event = priced.event
+        member = policy.members.get(event.user_id)
+        if member is not None and member.usage_offset >= offset:
+            # Applied already, and it changed the member only (the policy's offsets would
+            # have caught it otherwise): store the member again, as a repair write.
+            return Step(policy, [], redelivered=True, touched={event.user_id: member})
         period = month_of(event.occurred_at_ms)
         extra = priced.extra_cost_nano
         emitter = _Emitter(event.org_id, f"usage:{event.event_id}", now_ms, period)
@@ -498,16 +541,16 @@ class Enforcer:
             policy.period = period
             changed = True
             self._reevaluate_all(policy, before_event, Trigger.PERIOD, emitter)
-        member = policy.members.get(event.user_id)
-        if member is None:
-            member = policy.members[event.user_id] = Member()
+        member = _member(policy, event.user_id, emitter)
         if member.tier != event.seat_tier.value:
             member.tier = event.seat_tier.value  # a tier change carried by usage: re-decided
-            changed = True
+            emitter.touched[event.user_id] = member
         self._spend_balance(policy, extra, emitter)
         trigger = Trigger.REPRICE if policy.repricing else Trigger.USAGE
         self._reevaluate_org(policy, spend, trigger, emitter)
         self._reevaluate_user(policy, event.user_id, member, spend, trigger, emitter)
+        if event.user_id in emitter.touched:
+            member.usage_offset = offset
         return self._done(policy, USAGE_SOURCE, offset, emitter, changed)
 
     def on_control(
@@ -521,9 +564,13 @@ class Enforcer:
         """A control message of this org. Raises :class:`RejectedEvent` (``PLAN_MISMATCH`` or
         ``INVALID_FIELD``) for a command the org's plan does not allow or that cannot apply."""
         redelivery = self._redelivery(policy, CONTROL_SOURCE, offset)
-        if redelivery is not None:
-            return redelivery
         command = message.command
+        if redelivery is not None:
+            user_id = getattr(command, "user_id", None)
+            member = policy.members.get(user_id) if user_id else None
+            if member is not None:  # a USER cap or enablement: store the member again
+                redelivery.touched[user_id] = member
+            return redelivery
         period = policy.period or month_of(message.issued_at_ms)
         emitter = _Emitter(message.org_id, f"control:{message.message_id}", now_ms, period)
         if isinstance(command, SetCap):
@@ -567,8 +614,9 @@ class Enforcer:
         elif command.scope == "USER":
             if not command.user_id:
                 raise RejectedEvent(DeadLetterReason.INVALID_FIELD, "USER cap needs a user id")
-            member = policy.members.setdefault(command.user_id, Member())
+            member = _member(policy, command.user_id, emitter)
             member.cap_nano = limit
+            emitter.touched[command.user_id] = member
             self._reevaluate_user(policy, command.user_id, member, spend, trigger, emitter)
         else:
             raise RejectedEvent(DeadLetterReason.INVALID_FIELD, f"unknown scope {command.scope}")
@@ -580,8 +628,9 @@ class Enforcer:
             policy.disabled = not command.enabled
             self._reevaluate_org(policy, spend, Trigger.ENABLEMENT, emitter)
         else:
-            member = policy.members.setdefault(command.user_id, Member())
+            member = _member(policy, command.user_id, emitter)
             member.disabled = not command.enabled
+            emitter.touched[command.user_id] = member
             self._reevaluate_user(
                 policy, command.user_id, member, spend, Trigger.ENABLEMENT, emitter
             )
@@ -707,6 +756,7 @@ class Enforcer:
         if block.blocked == member.paused:
             return
         member.paused = block.blocked
+        emitter.touched[user_id] = member
         self._transition(emitter, Scope.USER, user_id, block, trigger)
 
     def _transition(
@@ -727,25 +777,47 @@ class Enforcer:
 
     @staticmethod
     def _redelivery(policy: OrgPolicy, source: str, offset: int) -> Step | None:
+        """An input at or below the policy's offset for its source: the events it emitted
+        (from the outbox) and the members it touched, as they are now, to store again."""
         if policy.offsets.get(source, -1) < offset:
             return None
-        for entry_source, entry_offset, records in policy.outbox:
-            if entry_source == source and entry_offset == offset:
-                events = [EnforcementEvent.from_record(r) for r in records]
-                return Step(policy, events, redelivered=True)
+        for entry in policy.outbox:
+            if entry[0] == source and entry[1] == offset:
+                events = [EnforcementEvent.from_record(r) for r in entry[2]]
+                touched = {}
+                for user_id in entry[3] if len(entry) > 3 else ():
+                    member = policy.members.get(user_id)
+                    if member is not None:
+                        touched[user_id] = member
+                return Step(policy, events, redelivered=True, touched=touched)
         return Step(policy, [], redelivered=True)
 
     @staticmethod
     def _done(
         policy: OrgPolicy, source: str, offset: int, emitter: _Emitter, changed: bool = True
     ) -> Step:
+        """Record the input as applied. The outbox keeps, for inputs that emitted events, the
+        events and the ids of the members the input touched (stored again on re-delivery)."""
+        touched = emitter.touched
         if not changed and not emitter.events:
-            return Step(policy, [], changed=False)
+            return Step(policy, [], changed=False, touched=touched)
         policy.offsets[source] = offset
         if emitter.events:
-            policy.outbox.append([source, offset, [e.record() for e in emitter.events]])
+            entry: list[Any] = [source, offset, [e.record() for e in emitter.events]]
+            if touched:
+                entry.append(list(touched))
+            policy.outbox.append(entry)
             del policy.outbox[:-OUTBOX_SIZE]
-        return Step(policy, emitter.events)
+        return Step(policy, emitter.events, touched=touched)
+
+
+def _member(policy: OrgPolicy, user_id: str, emitter: _Emitter) -> Member:
+    """The member ``user_id`` of ``policy``, created (and marked touched) if new."""
+    member = policy.members.get(user_id)
+    if member is None:
+        member = policy.members[user_id] = Member()
+        emitter.touched[user_id] = member
+    return member
 
 
 def describe(policy: OrgPolicy, spend: SpendLookup) -> dict[str, Any]:

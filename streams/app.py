@@ -24,6 +24,7 @@ acknowledged, and a failed delivery ends the process before any commit.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -40,6 +41,7 @@ from core.enforcement import (
     Action,
     ControlMessage,
     Enforcer,
+    Member,
     OrgPolicy,
     PeriodTick,
     SpendLookup,
@@ -57,6 +59,14 @@ from streams.codec import Codecs, dead_letter_record, priced_to_record
 from streams.control import RepriceMessage, control_from_record, repriced
 from streams.delivery import DeliveryGuard
 from streams.kafka_config import faust_broker_config
+from streams.members import (
+    TableMembers,
+    decode_value,
+    encode_value,
+    index_key,
+    index_prefix,
+    policy_key,
+)
 from streams.output import BatchedOutput
 from streams.restore import restore_tables
 from streams.state import TableState
@@ -195,8 +205,9 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     seen = TableState(tables["seen"], output, orjson.dumps, orjson.loads)
     totals = TableState(tables["totals"], output, orjson.dumps, orjson.loads)
     org_index = TableState(tables["org_index"], output, orjson.dumps, orjson.loads)
-    policies: TableState[OrgPolicy] = TableState(
-        tables["policies"], output, _encode_policy, _decode_policy
+    # Policies and, under keys of their own, their members (streams.members).
+    policies: TableState[OrgPolicy | Member] = TableState(
+        tables["policies"], output, encode_value, decode_value
     )
     states = (seen, totals, policies, org_index)
     seen_view, totals_view = seen.view(), totals.view()
@@ -263,13 +274,37 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
 
         return spend
 
+    def stored_policy(
+        org_id: str, partition: int, read: Callable[[str, int], Any]
+    ) -> OrgPolicy | None:
+        """The org's stored policy (``read`` is the state's ``get`` or ``peek``), or None."""
+        key = policy_key(org_id)
+        policy = read(key, partition)
+        if policy is None and key != org_id:
+            policy = read(org_id, partition)  # an id starting with "[", stored before
+        return policy if isinstance(policy, OrgPolicy) else None
+
+    def orgs_of(partition: int) -> list[str]:
+        """The orgs with a policy on ``partition`` (``org_index``; a list under the
+        partition's number is the format stored before one key per org)."""
+        keys = org_index.scan(index_prefix(partition), partition)
+        orgs = [orjson.loads(key)[1] for key, _ in keys]
+        legacy = org_index.get(str(partition), partition)
+        if isinstance(legacy, list):
+            known = set(orgs)
+            orgs.extend(org for org in legacy if org not in known)
+        return orgs
+
     def caps_of(org_id: str) -> dict[str, Any] | None:
         """What this worker knows of an org's enforcement (``metering caps show``)."""
         partition = partition_for(org_id, partitions)
-        policy = policies.peek(org_id, partition)
+        policy = stored_policy(org_id, partition, policies.peek)
         if policy is None:
             return None
-        return {"org_id": org_id, **describe(policy, spend_of(org_id, partition, totals.peek))}
+        view = copy.copy(policy)  # the agent binds the cached object's members per input
+        if not (isinstance(policy.members, dict) and policy.members):  # (stored with them)
+            view.members = TableMembers(policies, org_id, partition, peek=True)
+        return {"org_id": org_id, **describe(view, spend_of(org_id, partition, totals.peek))}
 
     app.metering_caps = caps_of
 
@@ -279,20 +314,32 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     policy_cache: dict[str, OrgPolicy] = {}
 
     def load_policy(org_id: str, partition: int) -> OrgPolicy:
-        cached = policy_cache.get(org_id)
-        if cached is not None:
-            return cached
-        policy = policies.get(org_id, partition)
+        """The org's policy, its members bound to the table for this one input."""
+        policy = policy_cache.get(org_id)
         if policy is None:
-            policy = OrgPolicy()
-            index_key = str(partition)
-            known = org_index.get(index_key, partition) or []
-            if org_id not in known:
-                org_index.put(index_key, partition, [*known, org_id])
-        if len(policy_cache) >= POLICY_CACHE_SIZE:
-            policy_cache.pop(next(iter(policy_cache)))
-        policy_cache[org_id] = policy
+            policy = stored_policy(org_id, partition, policies.get)
+            if policy is None:
+                policy = OrgPolicy()
+                org_index.put(index_key(partition, org_id), partition, 1)
+            elif isinstance(policy.members, dict) and policy.members:
+                # Stored before members had keys of their own: move them out, once.
+                TableMembers(policies, org_id, partition).store(policy.members)
+                policy.members = {}
+                policies.put(policy_key(org_id), partition, policy)
+            if len(policy_cache) >= POLICY_CACHE_SIZE:
+                policy_cache.pop(next(iter(policy_cache)))
+            policy_cache[org_id] = policy
+        policy.members = TableMembers(policies, org_id, partition)
         return policy
+
+    def store_step(org_id: str, partition: int, step: Step) -> None:
+        """Buffer what a step changed: its touched members, and the policy if it changed."""
+        if step.touched:
+            members = step.policy.members
+            assert isinstance(members, TableMembers)
+            members.store(step.touched)
+        if step.changed:
+            policies.put(policy_key(org_id), partition, step.policy)
 
     def publish(step: Step, org_id: str, partition: int) -> None:
         key = org_id.encode()
@@ -314,25 +361,28 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         step = enforcer.on_usage(
             policy, priced, message.offset, spend_of(org_id, partition), now_ms
         )
-        if step.changed:
-            policies.put(org_id, partition, step.policy)
+        store_step(org_id, partition, step)
         publish(step, org_id, partition)
 
     def apply_control(control: ControlMessage, message: Any, now_ms: int) -> None:
         org_id = control.org_id
         partition = message.partition
         policy = load_policy(org_id, partition)
-        before = _encode_policy(policy)  # the core may half-apply an input it rejects
+        before = encode_value(policy)  # the core may half-apply an input it rejects
         try:
             step = enforcer.on_control(
                 policy, control, message.offset, spend_of(org_id, partition), now_ms
             )
         except RejectedEvent:
-            restored = policy_cache[org_id] = _decode_policy(before)
-            if policies.get(org_id, partition) is not None:
-                policies.put(org_id, partition, restored)
+            # Members are copies until stored, so only the policy needs restoring.
+            restored = decode_value(before)
+            assert isinstance(restored, OrgPolicy)
+            policy_cache[org_id] = restored
+            if policies.get(policy_key(org_id), partition) is not None:
+                policies.put(policy_key(org_id), partition, restored)
             raise
-        policies.put(org_id, partition, step.policy)
+        step.changed = True  # a control message always moves the policy's control offset
+        store_step(org_id, partition, step)
         publish(step, org_id, partition)
 
     def apply_reprice(control: RepriceMessage, message: Any, now_ms: int) -> None:
@@ -379,7 +429,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             return
         if isinstance(control.command, PeriodTick) and not control.org_id:
             # A partition-wide tick from the period timer: every org of this partition.
-            for org_id in org_index.get(str(message.partition), message.partition) or []:
+            for org_id in orgs_of(message.partition):
                 org_control = ControlMessage(
                     control.message_id, org_id, control.issued_at_ms, control.command
                 )
@@ -577,14 +627,6 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     if settings.embedded_store and settings.worker_sink:
         app.service(_sink_service_class(settings, codecs))
     return app
-
-
-def _encode_policy(policy: OrgPolicy) -> bytes:
-    return orjson.dumps(policy.to_json())
-
-
-def _decode_policy(raw: bytes) -> OrgPolicy:
-    return OrgPolicy.from_json(orjson.loads(raw))
 
 
 def _sink_service_class(settings: Settings, codecs: Codecs) -> type[Service]:

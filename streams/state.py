@@ -24,7 +24,7 @@ repaired by the offsets the values carry (:mod:`core.metering`).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import rocksdict
@@ -81,6 +81,35 @@ class TableState(Generic[V]):
         db = self.table.data._dbs.get(partition)
         raw = None if db is None else db.get(key.encode())
         return None if raw is None else self.decode(raw)
+
+    def scan(self, prefix: str, partition: int, *, peek: bool = False) -> Iterator[tuple[str, V]]:
+        """Every ``(key, value)`` whose key starts with ``prefix`` on ``partition``: the
+        store's keys in key order, with buffered values in their place, then the buffered
+        keys the store does not hold yet. Reads every matching key: for rare inputs (a new
+        month, a SEAT_TIER cap) and reports, not per event. ``peek`` as in :meth:`peek`."""
+        dirty = {
+            key: value
+            for key, (part, value) in self._dirty.items()
+            if part == partition and key.startswith(prefix)
+        }
+        db = (
+            self.table.data._dbs.get(partition)
+            if peek
+            else self.table.data._db_for_partition(partition)
+        )
+        if db is not None:
+            raw_prefix = prefix.encode()
+            iterator = db.iter()
+            iterator.seek(raw_prefix)
+            while iterator.valid():
+                raw_key = iterator.key()
+                if not raw_key.startswith(raw_prefix):
+                    break
+                key = raw_key.decode()
+                buffered = dirty.pop(key, None)
+                yield key, (buffered if buffered is not None else self.decode(iterator.value()))
+                iterator.next()
+        yield from dirty.items()
 
     def put(self, key: str, partition: int, value: V) -> None:
         """Set ``key`` (stored on ``partition``); durable after the next :meth:`flush`."""

@@ -69,8 +69,9 @@ def partition_for(org_id: str, partitions: int) -> int:
 TABLES: dict[str, str] = {
     "seen": "(org, event_id) -> first offset and price",
     "totals": "calendar-month totals per org, seat tier and user",
-    "policies": "org -> caps, balance and enforcement state (core.enforcement.OrgPolicy)",
-    "org_index": "partition -> the orgs with a policy there (for the wall-clock period tick)",
+    "policies": "org -> caps, balance and enforcement state (core.enforcement.OrgPolicy); "
+    "(org, member) -> the member's USER scope (streams.members)",
+    "org_index": "(partition, org) -> the orgs with a policy there (the wall-clock period tick)",
 }
 """The worker's Faust tables (name -> help); changelogs are ``<app id>-<table>-changelog``.
 The worker creates exactly these, so :func:`ensure_topics` can pre-create their changelogs."""
