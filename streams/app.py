@@ -74,6 +74,7 @@ from streams.topics import (
     BILLING,
     CONTROL,
     DEAD_LETTER,
+    LARGEST_STATE_MESSAGE,
     PAUSES,
     PRICED,
     TABLES,
@@ -172,6 +173,10 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         producer_linger=0.005,
         producer_max_batch_size=512 * 1024,
         producer_compression_type="lz4",
+        # A policy stays small (members have keys of their own), but an input that pauses or
+        # resumes thousands of members at once keeps all their events in the org's outbox
+        # until 16 later inputs pushed it out: allow it through rather than stop metering.
+        producer_max_request_size=LARGEST_STATE_MESSAGE,
         autodiscover=False,
     )
     app.metering_settings = settings

@@ -32,6 +32,12 @@ class KafkaUnavailable(ConfigError):
     """The Kafka cluster cannot be reached or refused an administrative request."""
 
 
+LARGEST_STATE_MESSAGE = 32 * 1024 * 1024
+"""Largest table changelog message (bytes) the worker may write (its producer's
+``max_request_size`` too). Values are small; an org's policy grows for a while only when
+one input paused or resumed thousands of members (its outbox keeps their events)."""
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """A topic the pipeline needs. ``co_partitioned`` topics must match the usage topic."""
@@ -123,7 +129,7 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
                 )
             continue
         config = (
-            {"cleanup.policy": "compact"}
+            {"cleanup.policy": "compact", "max.message.bytes": str(LARGEST_STATE_MESSAGE)}
             if spec.compacted
             else {"retention.ms": str(spec.retention_ms)}
         )
