@@ -56,6 +56,7 @@ def main() -> None:
             users.add(f"{item.event['org_id']}/{item.event['user_id']}")
             producer.send_event(item.event)
         producer.close()
+        del producer  # its client would log reconnect attempts once the broker stops
         print(f"produced {args.users:,} events of {len(users):,} distinct users", flush=True)
         started = time.perf_counter()
         worker = spawn_worker(deployment)

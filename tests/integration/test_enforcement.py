@@ -238,3 +238,64 @@ def test_caps_balances_and_rollover_emit_exactly_the_expected_events(
     after = read_pauses(deployment.settings, follow=False, include_billing=True)
     assert {e["event_id"] for e in after} == ids
     assert again.terminate() == 0
+
+
+def test_an_org_of_thirty_thousand_members_is_metered_and_enforced(
+    deployment: Deployment,
+) -> None:
+    """Members used to live inside their org's policy: at ~25,000 the value outgrew a Kafka
+    message and the worker stopped on it for ever. 30,000 members, one event each; a
+    SEAT_TIER cap then pauses exactly the 30 who spent more than it, and a restart emits
+    nothing new."""
+    from jobs.producer import UsageProducer
+
+    worker = deployment.start_worker()
+    s = Scenario(deployment)
+    org, members = "org-large", 30_000
+    producer = UsageProducer(deployment.settings)
+    now_ms = int(datetime.now(tz=UTC).timestamp() * 1000)
+    big = {f"m{i:05d}" for i in range(0, members, 1000)}
+    for i in range(members):
+        user = f"m{i:05d}"
+        producer.send_event(
+            {
+                "event_id": f"large-{i}",
+                "occurred_at": now_ms,
+                "org_id": org,
+                "plan": "ENTERPRISE",
+                "user_id": user,
+                "seat_tier": "STANDARD",
+                "product": "CLAUDE",
+                "model": "claude-3-5-haiku-20241022",
+                "input_tokens": TOKENS_PER_USD if user in big else TOKENS_PER_USD // 1000,
+                "output_tokens": 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "extra_usage": True,
+            }
+        )
+    producer.close()
+    s.settle()
+    s.cap(org, "SEAT_TIER", usd(0.5), tier="STANDARD")
+
+    events = s.events(len(big))
+    assert sorted(e["user_id"] for e in events) == sorted(big)
+    assert {(e["action"], e["reason"], e["limit_source"], e["spend_nano_usd"]) for e in events} == {
+        ("PAUSE", "CAP_LOWERED", "SEAT_TIER", usd(1))
+    }
+    assert worker.process.poll() is None and not worker.replaced, worker.log()[-3000:]
+
+    shown = deployment.metering("caps", "show", "--org", org, "--json")
+    assert shown.returncode == 0, shown.stderr
+    view = json.loads(shown.stdout)
+    assert len(view["members"]) == members
+    assert {m["user_id"] for m in view["members"] if m["state"] == "PAUSED"} == big
+
+    ids = {e["event_id"] for e in events}
+    assert worker.terminate() == 0, worker.log()[-3000:]
+    again = deployment.start_worker()
+    s.cap(org, "SEAT_TIER", usd(0.5), tier="STANDARD")  # the same cap again: nothing new
+    s.use(org, "ENTERPRISE", "m00001", "STANDARD", 0.001)
+    after = read_pauses(deployment.settings, follow=False, include_billing=True)
+    assert {e["event_id"] for e in after} == ids
+    assert again.terminate() == 0
