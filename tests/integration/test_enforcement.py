@@ -7,6 +7,7 @@ of usage and control messages is the order written here. Costs are exact: one Cl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -243,10 +244,10 @@ def test_caps_balances_and_rollover_emit_exactly_the_expected_events(
 def test_an_org_of_thirty_thousand_members_is_metered_and_enforced(
     deployment: Deployment,
 ) -> None:
-    """Members used to live inside their org's policy: at ~25,000 the value outgrew a Kafka
-    message and the worker stopped on it for ever. 30,000 members, one event each; a
-    SEAT_TIER cap then pauses exactly the 30 who spent more than it, and a restart emits
-    nothing new."""
+    """Members used to live inside their org's policy: with hashed user ids, below 30,000
+    members the value outgrew a Kafka message even compressed, and the worker stopped on it
+    for ever. 30,000 members, one event each; a SEAT_TIER cap then pauses exactly the 30 who
+    spent more than it, and a restart emits nothing new."""
     from jobs.producer import UsageProducer
 
     worker = deployment.start_worker()
@@ -254,9 +255,9 @@ def test_an_org_of_thirty_thousand_members_is_metered_and_enforced(
     org, members = "org-large", 30_000
     producer = UsageProducer(deployment.settings)
     now_ms = int(datetime.now(tz=UTC).timestamp() * 1000)
-    big = {f"m{i:05d}" for i in range(0, members, 1000)}
-    for i in range(members):
-        user = f"m{i:05d}"
+    user_ids = [hashlib.sha256(f"member {i}".encode()).hexdigest() for i in range(members)]
+    big = set(user_ids[::1000])
+    for i, user in enumerate(user_ids):
         producer.send_event(
             {
                 "event_id": f"large-{i}",
@@ -295,7 +296,7 @@ def test_an_org_of_thirty_thousand_members_is_metered_and_enforced(
     assert worker.terminate() == 0, worker.log()[-3000:]
     again = deployment.start_worker()
     s.cap(org, "SEAT_TIER", usd(0.5), tier="STANDARD")  # the same cap again: nothing new
-    s.use(org, "ENTERPRISE", "m00001", "STANDARD", 0.001)
+    s.use(org, "ENTERPRISE", user_ids[1], "STANDARD", 0.001)
     after = read_pauses(deployment.settings, follow=False, include_billing=True)
     assert {e["event_id"] for e in after} == ids
     assert again.terminate() == 0
