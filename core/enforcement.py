@@ -230,31 +230,23 @@ def event_id(
 
 @dataclass(slots=True)
 class Member:
-    """A member's USER scope. ``tier`` is None until the member's first usage event.
-
-    ``usage_offset`` is the offset of the last usage event that changed the member. A usage
-    event that changes only its member (its first event, a tier change) leaves the policy,
-    and so the policy's offsets, as they were; the member's own offset is what makes a
-    re-delivery of such an event harmless (the rule every total follows, core.totals).
-    """
+    """A member's USER scope. ``tier`` is None until the member's first usage event."""
 
     tier: str | None = None
     cap_nano: int | None = None
     disabled: bool = False
     paused: bool = False
-    usage_offset: int = -1
 
     def to_list(self) -> list[Any]:
-        """Compact form: ``[tier, cap_nano, disabled, paused, usage_offset]``."""
-        return [self.tier, self.cap_nano, int(self.disabled), int(self.paused), self.usage_offset]
+        """Compact form: ``[tier, cap_nano, disabled, paused]``."""
+        return [self.tier, self.cap_nano, int(self.disabled), int(self.paused)]
 
     @classmethod
     def from_list(cls, value: list[Any]) -> Member:
-        offset = value[4] if len(value) > 4 else -1
-        return cls(value[0], value[1], bool(value[2]), bool(value[3]), offset)
+        return cls(value[0], value[1], bool(value[2]), bool(value[3]))
 
     def copy(self) -> Member:
-        return Member(self.tier, self.cap_nano, self.disabled, self.paused, self.usage_offset)
+        return Member(self.tier, self.cap_nano, self.disabled, self.paused)
 
 
 class MemberMap(Protocol):
@@ -427,17 +419,16 @@ class Step:
 
     ``changed`` is False when the input left the policy as it was (most usage events of an
     org without a Team balance): the adapter then skips the table write. That is safe because
-    such an input emitted nothing, so a re-delivery has nothing to re-send. Members are
-    stored apart from the policy: ``touched`` names those to write, whatever ``changed`` says
-    (a member's first event, or a tier change, is applied again harmlessly on re-delivery).
+    such an input emitted nothing and touched no member, so a re-delivery has nothing to
+    re-send. Members may be stored apart from the policy: ``touched`` names those to write
+    (always with the policy, whose offsets record the input).
     """
 
     policy: OrgPolicy
     events: list[EnforcementEvent]
     redelivered: bool = False
     changed: bool = True
-    # Members this input created or changed (to store), or, for a re-delivery, the members
-    # the original input touched (to store again: a repair write, as for every table).
+    # Members this input created or changed: the adapter stores them with the policy.
     touched: dict[str, Member] = field(default_factory=dict)
 
 
@@ -518,11 +509,6 @@ class Enforcer:
         if redelivery is not None:
             return redelivery
         event = priced.event
-        member = policy.members.get(event.user_id)
-        if member is not None and member.usage_offset >= offset:
-            # Applied already, and it changed the member only (the policy's offsets would
-            # have caught it otherwise): store the member again, as a repair write.
-            return Step(policy, [], redelivered=True, touched={event.user_id: member})
         period = month_of(event.occurred_at_ms)
         extra = priced.extra_cost_nano
         emitter = _Emitter(event.org_id, f"usage:{event.event_id}", now_ms, period)
@@ -549,8 +535,6 @@ class Enforcer:
         trigger = Trigger.REPRICE if policy.repricing else Trigger.USAGE
         self._reevaluate_org(policy, spend, trigger, emitter)
         self._reevaluate_user(policy, event.user_id, member, spend, trigger, emitter)
-        if event.user_id in emitter.touched:
-            member.usage_offset = offset
         return self._done(policy, USAGE_SOURCE, offset, emitter, changed)
 
     def on_control(
@@ -564,13 +548,9 @@ class Enforcer:
         """A control message of this org. Raises :class:`RejectedEvent` (``PLAN_MISMATCH`` or
         ``INVALID_FIELD``) for a command the org's plan does not allow or that cannot apply."""
         redelivery = self._redelivery(policy, CONTROL_SOURCE, offset)
-        command = message.command
         if redelivery is not None:
-            user_id = getattr(command, "user_id", None)
-            member = policy.members.get(user_id) if user_id else None
-            if member is not None:  # a USER cap or enablement: store the member again
-                redelivery.touched[user_id] = member
             return redelivery
+        command = message.command
         period = policy.period or month_of(message.issued_at_ms)
         emitter = _Emitter(message.org_id, f"control:{message.message_id}", now_ms, period)
         if isinstance(command, SetCap):
@@ -777,38 +757,27 @@ class Enforcer:
 
     @staticmethod
     def _redelivery(policy: OrgPolicy, source: str, offset: int) -> Step | None:
-        """An input at or below the policy's offset for its source: the events it emitted
-        (from the outbox) and the members it touched, as they are now, to store again."""
         if policy.offsets.get(source, -1) < offset:
             return None
-        for entry in policy.outbox:
-            if entry[0] == source and entry[1] == offset:
-                events = [EnforcementEvent.from_record(r) for r in entry[2]]
-                touched = {}
-                for user_id in entry[3] if len(entry) > 3 else ():
-                    member = policy.members.get(user_id)
-                    if member is not None:
-                        touched[user_id] = member
-                return Step(policy, events, redelivered=True, touched=touched)
+        for entry_source, entry_offset, records in policy.outbox:
+            if entry_source == source and entry_offset == offset:
+                events = [EnforcementEvent.from_record(r) for r in records]
+                return Step(policy, events, redelivered=True)
         return Step(policy, [], redelivered=True)
 
     @staticmethod
     def _done(
         policy: OrgPolicy, source: str, offset: int, emitter: _Emitter, changed: bool = True
     ) -> Step:
-        """Record the input as applied. The outbox keeps, for inputs that emitted events, the
-        events and the ids of the members the input touched (stored again on re-delivery)."""
-        touched = emitter.touched
-        if not changed and not emitter.events:
-            return Step(policy, [], changed=False, touched=touched)
+        """Record the input as applied: an input that touched a member changed the policy
+        too (its offsets), so a re-delivery is recognised by the policy alone."""
+        if not changed and not emitter.events and not emitter.touched:
+            return Step(policy, [], changed=False)
         policy.offsets[source] = offset
         if emitter.events:
-            entry: list[Any] = [source, offset, [e.record() for e in emitter.events]]
-            if touched:
-                entry.append(list(touched))
-            policy.outbox.append(entry)
+            policy.outbox.append([source, offset, [e.record() for e in emitter.events]])
             del policy.outbox[:-OUTBOX_SIZE]
-        return Step(policy, emitter.events, touched=touched)
+        return Step(policy, emitter.events, touched=emitter.touched)
 
 
 def _member(policy: OrgPolicy, user_id: str, emitter: _Emitter) -> Member:

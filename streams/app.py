@@ -24,7 +24,6 @@ acknowledged, and a failed delivery ends the process before any commit.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import time
@@ -42,7 +41,6 @@ from core.enforcement import (
     ControlMessage,
     Enforcer,
     Member,
-    OrgPolicy,
     PeriodTick,
     SpendLookup,
     Step,
@@ -60,12 +58,11 @@ from streams.control import RepriceMessage, control_from_record, repriced
 from streams.delivery import DeliveryGuard
 from streams.kafka_config import faust_broker_config
 from streams.members import (
-    TableMembers,
+    PolicyStore,
+    StoredPolicy,
     decode_value,
     encode_value,
-    index_key,
-    index_prefix,
-    policy_key,
+    policies_first,
 )
 from streams.output import BatchedOutput
 from streams.restore import restore_tables
@@ -210,10 +207,12 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     seen = TableState(tables["seen"], output, orjson.dumps, orjson.loads)
     totals = TableState(tables["totals"], output, orjson.dumps, orjson.loads)
     org_index = TableState(tables["org_index"], output, orjson.dumps, orjson.loads)
-    # Policies and, under keys of their own, their members (streams.members).
-    policies: TableState[OrgPolicy | Member] = TableState(
-        tables["policies"], output, encode_value, decode_value
+    # Policies and, under keys of their own, their members (streams.members); every flush
+    # writes the policies first.
+    policies: TableState[StoredPolicy | Member] = TableState(
+        tables["policies"], output, encode_value, decode_value, order=policies_first
     )
+    store = PolicyStore(policies, org_index, POLICY_CACHE_SIZE)
     states = (seen, totals, policies, org_index)
     seen_view, totals_view = seen.view(), totals.view()
     meter = Meter(prices, seen_view, totals_view)
@@ -226,6 +225,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         """Buffered state and queued outputs reach Kafka before any offset commit."""
         for state in states:
             state.flush()
+        store.flushed()
         await output.drain()
 
     delivery.before_flush(before_commit)
@@ -279,72 +279,15 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
 
         return spend
 
-    def stored_policy(
-        org_id: str, partition: int, read: Callable[[str, int], Any]
-    ) -> OrgPolicy | None:
-        """The org's stored policy (``read`` is the state's ``get`` or ``peek``), or None."""
-        key = policy_key(org_id)
-        policy = read(key, partition)
-        if policy is None and key != org_id:
-            policy = read(org_id, partition)  # an id starting with "[", stored before
-        return policy if isinstance(policy, OrgPolicy) else None
-
-    def orgs_of(partition: int) -> list[str]:
-        """The orgs with a policy on ``partition`` (``org_index``; a list under the
-        partition's number is the format stored before one key per org)."""
-        keys = org_index.scan(index_prefix(partition), partition)
-        orgs = [orjson.loads(key)[1] for key, _ in keys]
-        legacy = org_index.get(str(partition), partition)
-        if isinstance(legacy, list):
-            known = set(orgs)
-            orgs.extend(org for org in legacy if org not in known)
-        return orgs
-
     def caps_of(org_id: str) -> dict[str, Any] | None:
         """What this worker knows of an org's enforcement (``metering caps show``)."""
         partition = partition_for(org_id, partitions)
-        policy = stored_policy(org_id, partition, policies.peek)
+        policy = store.view(org_id, partition)
         if policy is None:
             return None
-        view = copy.copy(policy)  # the agent binds the cached object's members per input
-        if not (isinstance(policy.members, dict) and policy.members):  # (stored with them)
-            view.members = TableMembers(policies, org_id, partition, peek=True)
-        return {"org_id": org_id, **describe(view, spend_of(org_id, partition, totals.peek))}
+        return {"org_id": org_id, **describe(policy, spend_of(org_id, partition, totals.peek))}
 
     app.metering_caps = caps_of
-
-    # Decoded policies of the orgs this worker meters, the same objects the state overlay
-    # holds. The agent is the only writer of the policies table, so the cache is exact while
-    # partitions stay here; any rebalance empties it (on_revoked, on_assigned).
-    policy_cache: dict[str, OrgPolicy] = {}
-
-    def load_policy(org_id: str, partition: int) -> OrgPolicy:
-        """The org's policy, its members bound to the table for this one input."""
-        policy = policy_cache.get(org_id)
-        if policy is None:
-            policy = stored_policy(org_id, partition, policies.get)
-            if policy is None:
-                policy = OrgPolicy()
-                org_index.put(index_key(partition, org_id), partition, 1)
-            elif isinstance(policy.members, dict) and policy.members:
-                # Stored before members had keys of their own: move them out, once.
-                TableMembers(policies, org_id, partition).store(policy.members)
-                policy.members = {}
-                policies.put(policy_key(org_id), partition, policy)
-            if len(policy_cache) >= POLICY_CACHE_SIZE:
-                policy_cache.pop(next(iter(policy_cache)))
-            policy_cache[org_id] = policy
-        policy.members = TableMembers(policies, org_id, partition)
-        return policy
-
-    def store_step(org_id: str, partition: int, step: Step) -> None:
-        """Buffer what a step changed: its touched members, and the policy if it changed."""
-        if step.touched:
-            members = step.policy.members
-            assert isinstance(members, TableMembers)
-            members.store(step.touched)
-        if step.changed:
-            policies.put(policy_key(org_id), partition, step.policy)
 
     def publish(step: Step, org_id: str, partition: int) -> None:
         key = org_id.encode()
@@ -362,32 +305,27 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     def enforce_usage(priced: Any, message: Any, now_ms: int) -> None:
         org_id = priced.event.org_id
         partition = message.partition
-        policy = load_policy(org_id, partition)
+        policy = store.load(org_id, partition)
         step = enforcer.on_usage(
             policy, priced, message.offset, spend_of(org_id, partition), now_ms
         )
-        store_step(org_id, partition, step)
+        store.store(org_id, partition, step)
         publish(step, org_id, partition)
 
     def apply_control(control: ControlMessage, message: Any, now_ms: int) -> None:
         org_id = control.org_id
         partition = message.partition
-        policy = load_policy(org_id, partition)
-        before = encode_value(policy)  # the core may half-apply an input it rejects
+        policy = store.load(org_id, partition)
+        before = store.snapshot(policy)  # the core may half-apply an input it rejects
         try:
             step = enforcer.on_control(
                 policy, control, message.offset, spend_of(org_id, partition), now_ms
             )
         except RejectedEvent:
-            # Members are copies until stored, so only the policy needs restoring.
-            restored = decode_value(before)
-            assert isinstance(restored, OrgPolicy)
-            policy_cache[org_id] = restored
-            if policies.get(policy_key(org_id), partition) is not None:
-                policies.put(policy_key(org_id), partition, restored)
+            store.rejected(org_id, partition, before)
             raise
         step.changed = True  # a control message always moves the policy's control offset
-        store_step(org_id, partition, step)
+        store.store(org_id, partition, step)
         publish(step, org_id, partition)
 
     def apply_reprice(control: RepriceMessage, message: Any, now_ms: int) -> None:
@@ -434,7 +372,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             return
         if isinstance(control.command, PeriodTick) and not control.org_id:
             # A partition-wide tick from the period timer: every org of this partition.
-            for org_id in orgs_of(message.partition):
+            for org_id in store.orgs(message.partition):
                 org_control = ControlMessage(
                     control.message_id, org_id, control.issued_at_ms, control.command
                 )
@@ -520,7 +458,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     async def on_revoked(*_: Any, **__: Any) -> None:
         start_offsets.clear()
         metrics.CONSUMER_LAG.clear()
-        policy_cache.clear()
+        store.forget()
         next_offsets.clear()
         for state in states:
             state.revoked()
@@ -528,7 +466,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     @app.on_partitions_assigned.connect
     async def on_assigned(_: Any, assigned: Any = (), **__: Any) -> None:
         assigned_at[0] = time.monotonic()
-        policy_cache.clear()
+        store.forget()
         next_offsets.clear()
         owned = {tp.partition for tp in assigned if tp.topic in (usage_name, control_name)}
         for state in states:

@@ -24,7 +24,7 @@ repaired by the offsets the values carry (:mod:`core.metering`).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 import rocksdict
@@ -44,11 +44,15 @@ class TableState(Generic[V]):
         output: BatchedOutput,
         encode: Callable[[V], bytes],
         decode: Callable[[bytes], V],
+        order: Callable[[V], int] | None = None,
     ) -> None:
+        """``order`` (optional) sorts each flush: keys whose values rank lower are written
+        first, to RocksDB and to the changelog (where a partition keeps that order)."""
         self.table = table
         self.output = output
         self.encode = encode
         self.decode = decode
+        self.order = order
         self._dirty: dict[str, tuple[int, V]] = {}
         self._registered: set[int] = set()
         self.keys_flushed = 0
@@ -82,14 +86,28 @@ class TableState(Generic[V]):
         raw = None if db is None else db.get(key.encode())
         return None if raw is None else self.decode(raw)
 
-    def scan(self, prefix: str, partition: int, *, peek: bool = False) -> Iterator[tuple[str, V]]:
+    def scan(
+        self,
+        prefix: str,
+        partition: int,
+        *,
+        peek: bool = False,
+        buffered: Iterable[str] | None = None,
+    ) -> Iterator[tuple[str, V]]:
         """Every ``(key, value)`` whose key starts with ``prefix`` on ``partition``: the
         store's keys in key order, with buffered values in their place, then the buffered
         keys the store does not hold yet. Reads every matching key: for rare inputs (a new
-        month, a SEAT_TIER cap) and reports, not per event. ``peek`` as in :meth:`peek`."""
+        month, a SEAT_TIER cap) and reports, not per event. ``peek`` as in :meth:`peek`.
+        ``buffered``, when the caller knows them, are the only buffered keys that can match
+        (otherwise the whole write buffer is searched)."""
+        candidates = (
+            self._dirty.items()
+            if buffered is None
+            else ((key, self._dirty[key]) for key in buffered if key in self._dirty)
+        )
         dirty = {
             key: value
-            for key, (part, value) in self._dirty.items()
+            for key, (part, value) in candidates
             if part == partition and key.startswith(prefix)
         }
         db = (
@@ -106,10 +124,18 @@ class TableState(Generic[V]):
                 if not raw_key.startswith(raw_prefix):
                     break
                 key = raw_key.decode()
-                buffered = dirty.pop(key, None)
-                yield key, (buffered if buffered is not None else self.decode(iterator.value()))
+                hit = self._dirty.get(key)
+                dirty.pop(key, None)
+                if hit is not None and hit[0] == partition:
+                    yield key, hit[1]
+                else:
+                    yield key, self.decode(iterator.value())
                 iterator.next()
         yield from dirty.items()
+
+    def buffered(self, key: str) -> bool:
+        """True while ``key`` has a value not yet flushed."""
+        return key in self._dirty
 
     def put(self, key: str, partition: int, value: V) -> None:
         """Set ``key`` (stored on ``partition``); durable after the next :meth:`flush`."""
@@ -133,8 +159,12 @@ class TableState(Generic[V]):
         else:
             dirty = {k: v for k, v in self._dirty.items() if v[0] in owned}
             self._dirty = {k: v for k, v in self._dirty.items() if v[0] not in owned}
+        items = list(dirty.items())
+        if self.order is not None:
+            order = self.order
+            items.sort(key=lambda item: order(item[1][1]))
         by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
-        for key, (partition, value) in dirty.items():
+        for key, (partition, value) in items:
             by_partition[partition].append((key.encode(), self.encode(value)))
         store = self.table.data
         topic = self.changelog

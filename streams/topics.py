@@ -9,6 +9,7 @@ worker's table changelogs (created by Faust) have the same count.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 from aiokafka.partitioner import murmur2
@@ -31,6 +32,8 @@ UNLIMITED = -1
 class KafkaUnavailable(ConfigError):
     """The Kafka cluster cannot be reached or refused an administrative request."""
 
+
+log = logging.getLogger(__name__)
 
 LARGEST_STATE_MESSAGE = 32 * 1024 * 1024
 """Largest table changelog message (bytes) the worker may write (its producer's
@@ -119,8 +122,11 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
         (changelog_topic(settings, table), TopicSpec(table, UNLIMITED, True, compacted=True))
         for table in TABLES
     ]
+    small_changelogs: list[str] = []
     for name, spec in specs:
         if name in existing:
+            if spec.compacted:
+                small_changelogs.append(name)
             count = len(existing[name].partitions)
             if spec.co_partitioned and count != settings.partitions:
                 problems.append(
@@ -145,6 +151,7 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
         )
     if problems:
         raise ConfigError("; ".join(problems))
+    _allow_large_state_messages(admin, small_changelogs, timeout)
     created: list[str] = []
     if not wanted:
         return created
@@ -157,3 +164,49 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
             if error.name() != "TOPIC_ALREADY_EXISTS":  # a concurrent creator won the race
                 raise KafkaUnavailable(f"could not create topic {name}: {error.str()}") from None
     return created
+
+
+def _allow_large_state_messages(admin: object, topics: list[str], timeout: float) -> None:
+    """Changelogs created before :data:`LARGEST_STATE_MESSAGE` was set get it too (a topic's
+    ``max.message.bytes`` is set, never lowered). A cluster that refuses (no ALTER_CONFIGS
+    permission) is logged, not fatal: the topic keeps the broker's limit."""
+    if not topics:
+        return
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import (
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    wanted = str(LARGEST_STATE_MESSAGE)
+    try:
+        described = admin.describe_configs(  # type: ignore[attr-defined]
+            [ConfigResource(ResourceType.TOPIC, name) for name in topics],
+            request_timeout=timeout,
+        )
+        resources = []
+        for resource, future in described.items():
+            entry = future.result(timeout=timeout).get("max.message.bytes")
+            if entry is None or int(entry.value) < LARGEST_STATE_MESSAGE:
+                entry = ConfigEntry(
+                    "max.message.bytes",
+                    wanted,
+                    incremental_operation=AlterConfigOpType.SET,
+                )
+                resources.append(
+                    ConfigResource(ResourceType.TOPIC, resource.name, incremental_configs=[entry])
+                )
+        if resources:
+            altered = admin.incremental_alter_configs(  # type: ignore[attr-defined]
+                resources, request_timeout=timeout
+            )
+            for future in altered.values():
+                future.result(timeout=timeout)
+    except KafkaException as exc:
+        log.warning(
+            "could not raise max.message.bytes of the table changelogs to %s: %s",
+            wanted,
+            exc.args[0].str() if exc.args else exc,
+        )

@@ -91,3 +91,36 @@ def test_start_use_and_stop_a_real_broker(local: KafkaLocal) -> None:
     admin = AdminClient({"bootstrap.servers": local.bootstrap})
     assert topic in admin.list_topics(timeout=10).topics
     assert local.stop(timeout=30).was_running
+
+
+def test_changelogs_made_before_allow_large_state_messages(
+    local: KafkaLocal, tmp_path: Path
+) -> None:
+    """A deployment whose changelogs were created with the broker's 1 MB limit gets the
+    worker's larger one when the topics are next ensured (every worker start)."""
+    from confluent_kafka.admin import ConfigResource, ResourceType
+
+    from core.settings import Settings
+    from streams.topics import LARGEST_STATE_MESSAGE, changelog_topic, ensure_topics
+
+    local.start(timeout=180)
+    settings = Settings(kafka_bootstrap=local.bootstrap, data_dir=tmp_path / "d", partitions=2)
+    admin = AdminClient({"bootstrap.servers": local.bootstrap})
+    old = changelog_topic(settings, "policies")
+    futures = admin.create_topics(
+        [
+            NewTopic(
+                old, num_partitions=2, replication_factor=1, config={"cleanup.policy": "compact"}
+            )
+        ]
+    )
+    futures[old].result(timeout=30)
+
+    def limit() -> int:
+        resource = ConfigResource(ResourceType.TOPIC, old)
+        configs = admin.describe_configs([resource])[resource].result(timeout=30)
+        return int(configs["max.message.bytes"].value)
+
+    assert limit() < LARGEST_STATE_MESSAGE
+    ensure_topics(settings)
+    assert limit() == LARGEST_STATE_MESSAGE

@@ -1,9 +1,10 @@
 """Members stored under keys of their own (streams.members), on real RocksDB.
 
-What these pin: an organisation's policy no longer grows with its membership (25,000
-members did not fit in one Kafka message), the enforcer sees exactly the members that are
-stored and buffered, a refused input changes no member, a re-delivery names the members to
-store again, and no org id can read or overwrite another org's keys.
+What these pin: an organisation's policy no longer grows with its membership (with hashed
+user ids, 30,000 members did not fit in one Kafka message), the enforcer sees exactly the
+members that are stored and buffered, and a worker that restores from a changelog cut off
+anywhere in a flush (a crash mid-send) reads back a policy and members that agree: the
+policy is the commit point and its journal restores the member writes the cut lost.
 """
 
 from __future__ import annotations
@@ -22,20 +23,21 @@ from core.enforcement import (
     Member,
     OrgPolicy,
     SetCap,
-    Step,
+    SetEnabled,
 )
 from core.errors import RejectedEvent
 from core.pricing import PriceTable, default_price_table_path
 from core.usage import PricedEvent
 from core.validation import validate_usage
 from streams.members import (
-    TableMembers,
+    PolicyStore,
+    StoredPolicy,
     decode_value,
     encode_value,
     index_key,
-    index_prefix,
     member_key,
     member_prefix,
+    policies_first,
     policy_key,
 )
 from streams.output import BatchedOutput
@@ -46,33 +48,104 @@ KAFKA_MESSAGE_LIMIT = 1_048_588  # the broker's default message.max.bytes
 NOW_MS = 1_795_000_000_000  # 2026-11
 USD = 1_000_000_000
 PRICES = PriceTable.load(default_price_table_path())
+CHANGELOG = "app-policies-changelog"
+
+
+class Worker:
+    """The worker's policy path on real RocksDB: the tables, the store, the enforcer."""
+
+    def __init__(self, root: Path) -> None:
+        self.producer = RecordingProducer()
+        self.output = BatchedOutput(lambda: self.producer, lambda _: None)
+        self.table = FakeTable(root / "policies", CHANGELOG)
+        self.index_table = FakeTable(root / "index", "app-org_index-changelog")
+        self.policies = TableState(
+            self.table, self.output, encode_value, decode_value, order=policies_first
+        )
+        self.index = TableState(self.index_table, self.output, orjson.dumps, orjson.loads)
+        self.store = PolicyStore(self.policies, self.index)
+        self.enforcer = Enforcer()
+        self.spend: dict[str | None, int] = {}
+
+    def spend_of(self, period: str | None, user: str | None) -> int:
+        if user is None:
+            return sum(self.spend.values())
+        return self.spend.get(user, 0)
+
+    def use(
+        self,
+        org: str,
+        user: str,
+        tier: str,
+        offset: int,
+        spend_usd: float = 0,
+        plan: str = "ENTERPRISE",
+    ) -> Any:
+        self.spend[user] = self.spend.get(user, 0) + round(spend_usd * USD)
+        policy = self.store.load(org, 0)
+        event = priced(org, user, tier, f"{org}-{offset}", plan)
+        step = self.enforcer.on_usage(policy, event, offset, self.spend_of, NOW_MS)
+        self.store.store(org, 0, step)
+        return step
+
+    def control(self, org: str, command: Any, offset: int) -> Any:
+        policy = self.store.load(org, 0)
+        before = self.store.snapshot(policy)
+        message = ControlMessage(f"m{offset}", org, NOW_MS, command)
+        try:
+            step = self.enforcer.on_control(policy, message, offset, self.spend_of, NOW_MS)
+        except RejectedEvent:
+            self.store.rejected(org, 0, before)
+            raise
+        self.store.store(org, 0, step)
+        return step
+
+    def commit(self) -> list[tuple[bytes | None, bytes]]:
+        """Flush as before an offset commit; the changelog messages this flush wrote."""
+        before = len(self.producer.messages(CHANGELOG, 0))
+        self.policies.flush()
+        self.index.flush()
+        self.store.flushed()
+        asyncio.run(self.output.drain())
+        return self.producer.messages(CHANGELOG, 0)[before:]
+
+    def members(self, org: str) -> dict[str, Member]:
+        return dict(self.store.load(org, 0).members.items())
+
+    def close(self) -> None:
+        self.table.data.close()
+        self.index_table.data.close()
 
 
 @pytest.fixture
-def table(tmp_path: Path) -> Any:
-    fake = FakeTable(tmp_path / "policies", "app-policies-changelog")
-    yield fake
-    fake.data.close()
+def worker(tmp_path: Path) -> Any:
+    made = Worker(tmp_path / "live")
+    yield made
+    made.close()
 
 
-def policy_state(table: Any) -> tuple[RecordingProducer, BatchedOutput, TableState[Any]]:
-    producer = RecordingProducer()
-    output = BatchedOutput(lambda: producer, lambda _: None)
-    return producer, output, TableState(table, output, encode_value, decode_value)
+def restored(root: Path, messages: list[tuple[bytes | None, bytes]]) -> Worker:
+    """A new owner whose store was rebuilt from ``messages`` (the changelog)."""
+    fresh = Worker(root)
+    db = fresh.table.data._db_for_partition(0)
+    for key, value in messages:
+        assert key is not None
+        db.put(key, value)
+    return fresh
 
 
-def priced(org: str, user: str, tier: str, event_id: str, tokens: int = 1000) -> PricedEvent:
+def priced(org: str, user: str, tier: str, event_id: str, plan: str) -> PricedEvent:
     event = validate_usage(
         {
             "event_id": event_id,
             "occurred_at": NOW_MS,
             "org_id": org,
-            "plan": "ENTERPRISE",
+            "plan": plan,
             "user_id": user,
             "seat_tier": tier,
             "product": "CLAUDE",
             "model": "claude-sonnet-4-20250514",
-            "input_tokens": tokens,
+            "input_tokens": 1000,
             "output_tokens": 0,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
@@ -80,159 +153,136 @@ def priced(org: str, user: str, tier: str, event_id: str, tokens: int = 1000) ->
         },
         NOW_MS,
     )
-    price = PRICES.price(event.model, event.usage, event.occurred_at_ms)
-    return PricedEvent(event, price)
+    return PricedEvent(event, PRICES.price(event.model, event.usage, event.occurred_at_ms))
 
 
-def store_step(state: TableState[Any], org: str, step: Step) -> None:
-    """What the worker does with a step (streams.app.store_step)."""
-    members = step.policy.members
-    assert isinstance(members, TableMembers)
-    members.store(step.touched)
-    if step.changed:
-        state.put(policy_key(org), 0, step.policy)
+def test_a_policy_does_not_grow_with_its_members(worker: Worker) -> None:
+    users = [orjson.dumps(i).hex() * 8 for i in range(30_000)]
+    legacy = OrgPolicy(members={user: Member("STANDARD") for user in users})
+    assert len(orjson.dumps(legacy.to_json())) > KAFKA_MESSAGE_LIMIT  # the old form
+
+    messages = []
+    for offset, user in enumerate(users):
+        worker.use("org-big", user, "STANDARD", offset)
+        if offset % 2_000 == 1_999:  # a commit every 2,000 events (~1 s at full speed)
+            messages += worker.commit()
+    messages += worker.commit()
+    assert len({key for key, _ in messages}) == 30_001  # one key per member, one policy
+    assert max(len(value) for _, value in messages) < 300_000  # journal: one commit's members
+    stored = decode_value(worker.table.data._dbs[0].get(policy_key("org-big").encode()))
+    assert isinstance(stored, StoredPolicy) and stored.policy.members == {}
+    members = worker.members("org-big")
+    assert len(members) == 30_000 and members[users[12_345]] == Member("STANDARD")
 
 
-def test_a_policy_does_not_grow_with_its_members(table: Any) -> None:
-    async def scenario() -> None:
-        producer, output, state = policy_state(table)
-        enforcer = Enforcer()
-        policy = OrgPolicy()
-        spend_nothing = lambda period, user: 0  # noqa: E731
-        for i in range(30_000):
-            policy.members = TableMembers(state, "org-big", 0)
-            event = priced("org-big", f"user-{i:05d}", "STANDARD", f"e{i}")
-            store_step(state, "org-big", enforcer.on_usage(policy, event, i, spend_nothing, NOW_MS))
-        # The old form (members inside the policy) would not fit in one Kafka message.
-        legacy = OrgPolicy(members={f"user-{i:05d}": Member("STANDARD") for i in range(30_000)})
-        assert len(orjson.dumps(legacy.to_json())) > KAFKA_MESSAGE_LIMIT
+def test_a_tier_cap_reaches_stored_and_buffered_members(worker: Worker) -> None:
+    worker.use("org-1", "ann", "PREMIUM", 0, spend_usd=5)
+    worker.use("org-1", "bob", "PREMIUM", 1, spend_usd=1)
+    worker.commit()  # ann and bob in RocksDB; cy only buffered
+    worker.use("org-1", "cy", "PREMIUM", 2, spend_usd=7)
 
-        assert state.flush() == 30_001  # the policy and one key per member
-        await output.drain()
-        messages = producer.messages("app-policies-changelog", 0)
-        assert len(messages) == 30_001
-        assert max(len(value) for _, value in messages) < 1_000
-        stored = decode_value(table.data._dbs[0].get(policy_key("org-big").encode()))
-        assert isinstance(stored, OrgPolicy) and stored.members == {}
-        stored.members = TableMembers(state, "org-big", 0)
-        assert sum(1 for _ in stored.members.items()) == 30_000
-        assert stored.members.get("user-12345") == Member("STANDARD", usage_offset=12345)
-
-    asyncio.run(scenario())
-
-
-def test_a_tier_cap_reaches_stored_and_buffered_members_and_a_repeat_changes_nothing(
-    table: Any,
-) -> None:
-    _, _, state = policy_state(table)
-    enforcer = Enforcer()
-    policy = OrgPolicy()
-    spend = {"ann": 5 * USD, "bob": 1 * USD, "cy": 7 * USD}
-
-    def spend_of(period: str | None, user: str | None) -> int:
-        return sum(spend.values()) if user is None else spend[user]
-
-    for offset, (user, tier) in enumerate([("ann", "PREMIUM"), ("bob", "PREMIUM")]):
-        policy.members = TableMembers(state, "org-1", 0)
-        store_step(
-            state,
-            "org-1",
-            enforcer.on_usage(
-                policy, priced("org-1", user, tier, f"e{offset}"), offset, spend_of, NOW_MS
-            ),
-        )
-    state.flush()  # ann and bob in RocksDB; cy only buffered
-    policy.members = TableMembers(state, "org-1", 0)
-    store_step(
-        state,
-        "org-1",
-        enforcer.on_usage(policy, priced("org-1", "cy", "PREMIUM", "e2"), 2, spend_of, NOW_MS),
-    )
-
-    cap = ControlMessage("m1", "org-1", NOW_MS, SetCap("SEAT_TIER", 4 * USD, seat_tier="PREMIUM"))
-    policy.members = TableMembers(state, "org-1", 0)
-    step = enforcer.on_control(policy, cap, 0, spend_of, NOW_MS)
-    store_step(state, "org-1", step)
-    paused = sorted(e.user_id for e in step.events if e.action is Action.PAUSE)
-    assert paused == ["ann", "cy"]
-    assert sorted(step.touched) == ["ann", "cy"]
-
-    fresh = TableMembers(state, "org-1", 0)
-    assert {user: m.paused for user, m in fresh.items()} == {"ann": True, "bob": False, "cy": True}
-
-    # The same control message again: the recorded events, the touched members named for a
-    # repair write, and no member changed.
-    policy.members = TableMembers(state, "org-1", 0)
-    again = enforcer.on_control(policy, cap, 0, spend_of, NOW_MS)
-    assert again.redelivered and [e.event_id for e in again.events] == [
-        e.event_id for e in step.events
-    ]
-    assert sorted(again.touched) == ["ann", "cy"]
-    assert {user: m.paused for user, m in TableMembers(state, "org-1", 0).items()} == {
+    step = worker.control("org-1", SetCap("SEAT_TIER", 4 * USD, seat_tier="PREMIUM"), 0)
+    assert sorted(e.user_id for e in step.events if e.action is Action.PAUSE) == ["ann", "cy"]
+    assert {u: m.paused for u, m in worker.members("org-1").items()} == {
         "ann": True,
         "bob": False,
         "cy": True,
     }
+    again = worker.control("org-1", SetCap("SEAT_TIER", 4 * USD, seat_tier="PREMIUM"), 0)
+    assert again.redelivered and [e.event_id for e in again.events] == [
+        e.event_id for e in step.events
+    ]
 
 
-def test_a_first_event_applied_again_changes_nothing() -> None:
-    """A member's first event leaves the policy as it was; the member's own offset is what
-    recognises the re-delivery (after a later tier change, it must not bring back the old
-    tier)."""
-    enforcer = Enforcer()
-    policy = OrgPolicy(plan="ENTERPRISE", period="2026-11")
-    nothing = lambda period, user: 0  # noqa: E731
-    enforcer.on_usage(policy, priced("org-1", "ann", "STANDARD", "e1"), 10, nothing, NOW_MS)
-    step = enforcer.on_usage(policy, priced("org-1", "ann", "PREMIUM", "e2"), 11, nothing, NOW_MS)
-    assert not step.changed and list(step.touched) == ["ann"]
-    again = enforcer.on_usage(policy, priced("org-1", "ann", "STANDARD", "e1"), 10, nothing, NOW_MS)
-    assert again.redelivered and policy.members["ann"].tier == "PREMIUM"
+def test_a_changelog_cut_anywhere_in_a_flush_reads_back_consistent(
+    worker: Worker, tmp_path: Path
+) -> None:
+    """A new owner restores from the changelog; the old owner crashed while sending a
+    flush, so the changelog holds any prefix of it. Whatever the prefix, the policy and
+    the members agree with one of the two commits (before or after the flush), and
+    re-delivering the uncommitted inputs then emits exactly what the original run did."""
+    worker.use("org-1", "ann", "STANDARD", 0)
+    worker.use("org-1", "bob", "STANDARD", 1)
+    worker.control("org-1", SetCap("ORG", 100 * USD), 0)
+    first = worker.commit()
+    window: list[tuple[str, Any, int]] = [
+        ("control", SetCap("USER", 2 * USD, user_id="ann"), 1),
+        ("use", ("ann", "PREMIUM", 2.5), 2),  # PAUSE ann; tier change
+        ("use", ("cy", "STANDARD", 0.1), 3),  # a new member, nothing emitted
+        ("control", SetEnabled(False, "bob"), 2),  # PAUSE bob
+    ]
+    emitted: list[str] = []
+    for kind, args, offset in window:
+        if kind == "use":
+            step = worker.use("org-1", *args[:2], offset, spend_usd=args[2])
+        else:
+            step = worker.control("org-1", args, offset)
+        emitted += [e.event_id for e in step.events]
+    after = worker.members("org-1")
+    second = worker.commit()
+    assert len(emitted) == 2 and len(second) == 4  # the policy and ann, bob, cy
+    assert second[0][0] == policy_key("org-1").encode()  # the policy leads its members
+
+    before = {"ann": Member("STANDARD"), "bob": Member("STANDARD")}
+    for cut in range(len(second) + 1):
+        new_owner = restored(tmp_path / f"cut-{cut}", first + second[:cut])
+        try:
+            members = new_owner.members("org-1")
+            assert members == (after if cut >= 1 else before), (cut, members)
+            # The inputs after the last commit are delivered again: the same events.
+            again: list[str] = []
+            for kind, args, offset in window:
+                if kind == "use":  # (totals as of the same cut: spend grows again)
+                    step = new_owner.use("org-1", *args[:2], offset, spend_usd=args[2])
+                else:
+                    step = new_owner.control("org-1", args, offset)
+                again += [e.event_id for e in step.events]
+            assert again == emitted, cut
+            assert new_owner.members("org-1") == after
+        finally:
+            new_owner.close()
 
 
-def test_members_change_only_when_stored(table: Any) -> None:
-    """The core changes member objects in place; until the adapter stores the step's
-    touched members, neither the buffer nor the store sees the change (a refused input
-    leaves nothing behind)."""
-    _, _, state = policy_state(table)
-    TableMembers(state, "org-t", 0).store({"ann": Member("STANDARD"), "bob": Member("PREMIUM")})
-    state.flush()
-    TableMembers(state, "org-t", 0).store({"bob": Member("PREMIUM", cap_nano=5)})  # buffered
-    members = TableMembers(state, "org-t", 0)
-    for _, member in members.items():
-        member.paused = True
-    assert members.get("ann") is members.get("ann") and members.get("ann").paused  # type: ignore[union-attr]
-    fresh = TableMembers(state, "org-t", 0)
-    assert dict(fresh.items()) == {
-        "ann": Member("STANDARD"),
-        "bob": Member("PREMIUM", cap_nano=5),
-    }
-    with pytest.raises(RejectedEvent):
-        policy = OrgPolicy(plan="TEAM", members=TableMembers(state, "org-t", 0))
-        cap = ControlMessage("m", "org-t", NOW_MS, SetCap("SEAT_TIER", 0, seat_tier="STANDARD"))
-        Enforcer().on_control(policy, cap, 0, lambda p, u: 0, NOW_MS)
-    assert TableMembers(state, "org-t", 0).get("ann") == Member("STANDARD")
+def test_a_refused_control_message_changes_nothing(worker: Worker) -> None:
+    worker.use("org-t", "ann", "STANDARD", 0, plan="TEAM")
+    worker.commit()
+    db = worker.table.data._dbs[0]
+    stored_before = db.get(policy_key("org-t").encode())
+    cached_before = worker.store.snapshot(worker.store.load("org-t", 0))
+    with pytest.raises(RejectedEvent, match="TEAM"):
+        worker.control("org-t", SetCap("SEAT_TIER", 0, seat_tier="STANDARD"), 0)
+    assert worker.store.snapshot(worker.store.load("org-t", 0)) == cached_before
+    assert worker.commit() == []  # nothing to write
+    assert db.get(policy_key("org-t").encode()) == stored_before
+    assert worker.members("org-t") == {"ann": Member("STANDARD")}
 
 
-def test_no_org_id_reaches_another_orgs_keys(table: Any, tmp_path: Path) -> None:
-    _, output, state = policy_state(table)
-    index_table = FakeTable(tmp_path / "index", "app-org_index-changelog")
-    index = TableState(index_table, output, orjson.dumps, orjson.loads)
-    tricky = ["a", "a,", 'a"', "[a", '["a","b"]', "a\\", "ä"]
-    for org in tricky:
-        TableMembers(state, org, 0).store({"b": Member(org)})
-        state.put(policy_key(org), 0, OrgPolicy(plan=org))
-        index.put(index_key(0, org), 0, 1)
-    state.flush()
-    index.flush()
+def test_policies_stored_in_the_old_format_are_read_and_moved(worker: Worker) -> None:
+    old = OrgPolicy(plan="ENTERPRISE", members={"ann": Member("PREMIUM", cap_nano=5)})
+    db = worker.table.data._db_for_partition(0)
+    db.put(b"org-old", orjson.dumps(old.to_json()))
+    worker.index_table.data._db_for_partition(0).put(b"0", orjson.dumps(["org-old", "org-x"]))
+
+    assert worker.members("org-old") == {"ann": Member("PREMIUM", cap_nano=5)}
+    worker.commit()
+    stored = decode_value(db.get(b"org-old"))
+    assert isinstance(stored, StoredPolicy) and stored.policy.members == {}
+    assert decode_value(db.get(member_key("org-old", "ann").encode())) == Member(
+        "PREMIUM", cap_nano=5
+    )
+    assert sorted(worker.store.orgs(0)) == ["org-old", "org-x"]
+
+
+def test_no_org_id_reaches_another_orgs_keys(worker: Worker) -> None:
+    tricky = ["a", "a,", 'a"', "[a", '["a","b"]', "a\\", "ä", '["a"]']
+    for offset, org in enumerate(tricky):
+        worker.use(org, "b", "STANDARD", offset)
+    worker.commit()
     keys = [policy_key(org) for org in tricky] + [member_key(org, "b") for org in tricky]
     assert len(set(keys)) == len(keys)
     for org in tricky:
-        members = list(TableMembers(state, org, 0).items())
-        assert members == [("b", Member(org))]
-        assert sum(1 for key, _ in state.scan(member_prefix(org), 0)) == 1
-        stored = state.get(policy_key(org), 0)
-        assert isinstance(stored, OrgPolicy) and stored.plan == org
-    indexed = [orjson.loads(key)[1] for key, _ in index.scan(index_prefix(0), 0)]
-    assert sorted(indexed) == sorted(tricky)
-    assert list(index.scan(index_prefix(1), 0)) == []
-    index_table.data.close()
+        assert list(worker.members(org)) == ["b"]
+        assert sum(1 for _ in worker.policies.scan(member_prefix(org), 0)) == 1
+    assert sorted(worker.store.orgs(0)) == sorted(tricky)
+    assert worker.store.orgs(1) == []
+    assert index_key(1, "a") != index_key(10, "a")
