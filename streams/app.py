@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 
 PERIOD_TICK_SECONDS = 60.0
 POLICY_CACHE_SIZE = 10_000
+FETCH_MAX_WAIT_MS = 100  # see short_fetch_wait in create_app
 EXIT_BUG = 70  # EX_SOFTWARE: supervisor restarts us; the event was not acknowledged
 
 
@@ -506,6 +507,28 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         consumer.seek_to_committed = seek_to_committed_or_beginning
 
     app.metering_consumer_hooks.append(seek_fresh_partitions_to_beginning)
+
+    def short_fetch_wait(consumer: Any) -> None:
+        """Fetch with a short long-poll (:data:`FETCH_MAX_WAIT_MS`) instead of Faust's 1.5 s.
+
+        aiokafka sends no fetch to a broker while any partition it leads still has records
+        buffered, so a fetch often covers only partitions without new data (the control
+        topic, say) and the broker holds it for the whole wait while usage records pile up
+        behind it: at 500 events/s a usage event waited 1.2 s (p50) for its PAUSE, on a
+        worker half idle (BENCHMARKS.md, enforcement latency). A short wait bounds that
+        stall; an idle worker sends a few more empty fetches.
+        """
+        thread = consumer._thread
+        create = thread._create_worker_consumer
+
+        def create_with_short_wait(*args: Any, **kwargs: Any) -> Any:
+            made = create(*args, **kwargs)
+            made._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts
+            return made
+
+        thread._create_worker_consumer = create_with_short_wait
+
+    app.metering_consumer_hooks.append(short_fetch_wait)
 
     @app.timer(5.0)
     async def report_lag() -> None:
