@@ -467,11 +467,11 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     @app.on_partitions_assigned.connect
     async def on_assigned(_: Any, assigned: Any = (), **__: Any) -> None:
         assigned_at[0] = time.monotonic()
-        store.forget()
         next_offsets.clear()
         owned = {tp.partition for tp in assigned if tp.topic in (usage_name, control_name)}
         for state in states:
             state.assigned(owned)
+        store.forget()  # after the states dropped what they held for other partitions
 
     def seek_fresh_partitions_to_beginning(consumer: Any) -> None:
         """Make a partition with no committed offset start at its beginning, always.

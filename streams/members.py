@@ -251,8 +251,11 @@ class PolicyStore:
             del self._journals[org_id]
 
     def forget(self) -> None:
-        """A rebalance: decoded policies may be stale once partitions move."""
+        """A rebalance: decoded policies may be stale once partitions move, and so may the
+        journal of a policy the state no longer holds (another worker may have written its
+        members since)."""
         self._cache.clear()
+        self.flushed()
 
     def view(self, org_id: str, partition: int) -> OrgPolicy | None:
         """The org's policy with its members, for readers outside the agent (web pages):

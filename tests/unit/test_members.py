@@ -286,3 +286,29 @@ def test_no_org_id_reaches_another_orgs_keys(worker: Worker) -> None:
     assert sorted(worker.store.orgs(0)) == sorted(tricky)
     assert worker.store.orgs(1) == []
     assert index_key(1, "a") != index_key(10, "a")
+
+
+def test_a_rebalance_forgets_journals_of_policies_no_longer_held(worker: Worker) -> None:
+    """Buffered keys of a partition that moved away are dropped; their journal must go with
+    them, or a later policy of the org (the partition back here, its members written by
+    another worker meanwhile) would carry the old member values and they would win."""
+    worker.use("org-1", "ann", "STANDARD", 0)
+    worker.commit()
+    worker.use("org-1", "ann", "PREMIUM", 1)  # a tier change: ann in the journal
+    worker.policies.assigned(set())  # partition 0 moved away before the flush
+    worker.store.forget()
+    worker.policies.assigned({0})  # and came back, after another worker wrote ann
+    worker.store.forget()
+    # The other worker wrote ann in one commit, then cy with the policy in a later one.
+    theirs, cy = Member("PREMIUM", cap_nano=7), Member("STANDARD")
+    db = worker.table.data._db_for_partition(0)
+    ours = decode_value(db.get(policy_key("org-1").encode()))
+    assert isinstance(ours, StoredPolicy)
+    db.put(member_key("org-1", "ann").encode(), encode_value(theirs))
+    db.put(member_key("org-1", "cy").encode(), encode_value(cy))
+    db.put(policy_key("org-1").encode(), encode_value(StoredPolicy(ours.policy, {"cy": cy})))
+    worker.use("org-1", "bob", "STANDARD", 2)
+    worker.commit()
+    stored = decode_value(worker.table.data._dbs[0].get(policy_key("org-1").encode()))
+    assert isinstance(stored, StoredPolicy) and sorted(stored.journal) == ["bob", "cy"]
+    assert worker.members("org-1")["ann"] == theirs
