@@ -27,8 +27,7 @@ from core.enforcement import (
 )
 from core.errors import RejectedEvent
 from core.pricing import PriceTable, default_price_table_path
-from core.usage import PricedEvent
-from core.validation import validate_usage
+from core.usage import Plan, PricedEvent, SeatTier
 from streams.members import (
     PolicyStore,
     StoredPolicy,
@@ -42,6 +41,7 @@ from streams.members import (
 )
 from streams.output import BatchedOutput
 from streams.state import TableState
+from tests.unit.test_metering import event
 from tests.unit.test_output_state import FakeTable, RecordingProducer
 
 KAFKA_MESSAGE_LIMIT = 1_048_588  # the broker's default message.max.bytes
@@ -135,25 +135,15 @@ def restored(root: Path, messages: list[tuple[bytes | None, bytes]]) -> Worker:
 
 
 def priced(org: str, user: str, tier: str, event_id: str, plan: str) -> PricedEvent:
-    event = validate_usage(
-        {
-            "event_id": event_id,
-            "occurred_at": NOW_MS,
-            "org_id": org,
-            "plan": plan,
-            "user_id": user,
-            "seat_tier": tier,
-            "product": "CLAUDE",
-            "model": "claude-sonnet-4-20250514",
-            "input_tokens": 1000,
-            "output_tokens": 0,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-            "extra_usage": True,
-        },
-        NOW_MS,
+    usage = event(
+        event_id,
+        occurred_at_ms=NOW_MS,
+        org_id=org,
+        plan=Plan(plan),
+        user_id=user,
+        seat_tier=SeatTier(tier),
     )
-    return PricedEvent(event, PRICES.price(event.model, event.usage, event.occurred_at_ms))
+    return PricedEvent(usage, PRICES.price(usage.model, usage.usage, usage.occurred_at_ms))
 
 
 def test_a_policy_does_not_grow_with_its_members(worker: Worker) -> None:
