@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,7 @@ class Deployment:
         from streams.topics import PRICED, USAGE
 
         settings = self.settings
+        seen: list[str] = ["nothing read yet"]
 
         def caught_up() -> bool:
             if supervise:
@@ -159,12 +161,45 @@ class Deployment:
                 if code is not None and code != 0 and worker is self.workers[-1]:
                     raise AssertionError(f"worker exited {code}:\n{worker.log()[-4000:]}")
             usage = group_position(settings, settings.app_id, settings.topic(USAGE))
+            seen[0] = f"usage {usage.committed}/{usage.end}"
             if usage.end == 0 or usage.lag:
                 return False
             priced = group_position(settings, settings.sink_group, settings.topic(PRICED))
+            seen[0] += f", priced {priced.committed}/{priced.end}"
             return priced.end > 0 and priced.lag == 0
 
-        wait_for(caught_up, timeout, "the worker and the sink to catch up")
+        try:
+            wait_for(caught_up, timeout, "the worker and the sink to catch up")
+        except AssertionError as error:
+            tails = "\n".join(
+                f"--- {worker.command} {' '.join(worker.args)} (pid {worker.process.pid}, "
+                f"exit {worker.process.poll()}):\n{worker.log()[-2500:]}"
+                for worker in self.workers
+            )
+            raise AssertionError(f"{error}; last seen {seen[0]}\n{tails}{self._stacks()}") from None
+
+    def _stacks(self) -> str:
+        """The Python stacks of the live workers, when py-spy is installed (a stall's only
+        witness once the test has timed out); empty otherwise."""
+        spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
+        if spy is None:
+            return ""
+        dumps = []
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                dump = subprocess.run(
+                    [spy, "dump", "-p", str(worker.process.pid)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                dumps.append(
+                    f"--- stacks of {worker.command} (pid {worker.process.pid}):\n"
+                    f"{dump.stdout}{dump.stderr}"
+                )
+        return "\n" + "\n".join(dumps)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """The Prometheus samples whose name (with labels) starts with ``prefix``, from the
