@@ -56,6 +56,7 @@ from streams import metrics
 from streams.codec import Codecs, dead_letter_record, priced_to_record
 from streams.control import RepriceMessage, control_from_record, repriced
 from streams.delivery import DeliveryGuard
+from streams.fastpath import deliver_directly
 from streams.kafka_config import faust_broker_config
 from streams.members import (
     PolicyStore,
@@ -566,26 +567,45 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             os._exit(EXIT_BUG)
         next_offsets[tp] = message.offset + 1
 
+    def process(message: Any) -> None:
+        """One source record, start to end (synchronous); exits the process on a bug or
+        broken infrastructure, before the record is acknowledged: never skip an event."""
+        try:
+            check_contiguous(message)
+            handle(message)
+        except Exception:
+            log.critical(
+                "unexpected failure on %s[%d]@%d; exiting so the event is retried",
+                message.topic,
+                message.partition,
+                message.offset,
+                exc_info=True,
+            )
+            logging.shutdown()
+            os._exit(EXIT_BUG)
+
+    def direct_delivery(consumer: Any) -> None:
+        """Source records go from the fetcher straight to :func:`process`
+        (:mod:`streams.fastpath`), skipping Faust's per-record hand-off to the agent."""
+        deliver_directly(
+            consumer,
+            (usage_name, control_name),
+            process,
+            lambda: output.needs_drain,
+            output.drain,
+        )
+
+    app.metering_consumer_hooks.append(direct_delivery)
+
+    # The agent is what subscribes the worker to its source topics and co-partitions the
+    # tables with them; with direct delivery no record reaches its stream, but one that did
+    # would be handled the same way.
     @app.agent(source_topics, concurrency=1, name="meter_usage")
     async def meter_usage(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            try:
-                check_contiguous(event.message)
-                handle(event.message)
-                if output.needs_drain:
-                    await output.drain()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug or broken infrastructure: never skip the event
-                log.critical(
-                    "unexpected failure on %s[%d]@%d; exiting so the event is retried",
-                    event.message.topic,
-                    event.message.partition,
-                    event.message.offset,
-                    exc_info=True,
-                )
-                logging.shutdown()
-                os._exit(EXIT_BUG)
+            process(event.message)
+            if output.needs_drain:
+                await output.drain()
 
     from streams.web import register_pages
 
