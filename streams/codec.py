@@ -700,6 +700,38 @@ def _resolve_named(schema: ParsedSchema, named: Mapping[str, Any]) -> dict[str, 
 # Codecs
 
 
+_Plan = tuple[ParsedSchema, ParsedSchema | None, bool]
+
+
+def _names_records(schema: ParsedSchema) -> bool:
+    """True when a union of ``schema`` can hold a record: only then do decoded records need
+    fastavro's ``return_record_name`` (a union branch comes back as ``(name, fields)``).
+    Without one the option changes nothing but costs more than the decoding itself (a usage
+    event: 21 us with it, 9 us without)."""
+    named = schema.get("__named_schemas", {}) if isinstance(schema, dict) else {}
+
+    def is_record(branch: Any) -> bool:
+        if isinstance(branch, str):
+            branch = named.get(branch, branch)
+        return isinstance(branch, dict) and branch.get("type") in ("record", "error")
+
+    def walk(node: Any) -> bool:
+        if isinstance(node, list):
+            return any(is_record(branch) for branch in node) or any(walk(b) for b in node)
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if kind in ("record", "error"):
+                return any(walk(field["type"]) for field in node.get("fields", ()))
+            if kind == "array":
+                return walk(node.get("items"))
+            if kind == "map":
+                return walk(node.get("values"))
+            return isinstance(kind, (list, dict)) and walk(kind)
+        return False
+
+    return walk(schema)
+
+
 def parse_header(data: bytes | bytearray | memoryview | None) -> int:
     """The schema id of a Confluent wire-format value. Raises
     :class:`~core.errors.RejectedEvent` (``UNDECODABLE``) if the value is not in that format."""
@@ -733,8 +765,9 @@ class Codec:
         self._resolver = resolver
         self._check = _compile(schema.parsed, schema.parsed.get("__named_schemas", {}), {})
         self._header: bytes | None = None
-        # schema id -> (writer schema, reader schema or None when no resolution is needed)
-        self._plans: dict[int, tuple[ParsedSchema, ParsedSchema | None]] = {}
+        # schema id -> (writer schema, reader schema or None when no resolution is needed,
+        # whether a union holds a record: see _names_records)
+        self._plans: dict[int, _Plan] = {}
 
     @property
     def writer_id(self) -> int:
@@ -789,12 +822,16 @@ class Codec:
         body = io.BytesIO(data)
         body.seek(HEADER_SIZE)
         try:
-            record = fastavro.schemaless_reader(
-                body,
-                plan[0],
-                plan[1],
-                return_record_name=True,
-                return_record_name_override=True,
+            record = (
+                fastavro.schemaless_reader(
+                    body,
+                    plan[0],
+                    plan[1],
+                    return_record_name=True,
+                    return_record_name_override=True,
+                )
+                if plan[2]
+                else fastavro.schemaless_reader(body, plan[0], plan[1])
             )
         except SchemaResolutionError as exc:
             raise RejectedEvent(
@@ -824,7 +861,7 @@ class Codec:
             self._header = bytes([MAGIC_BYTE]) + schema_id.to_bytes(4, "big")
         return self._header
 
-    def _plan(self, schema_id: int) -> tuple[ParsedSchema, ParsedSchema | None]:
+    def _plan(self, schema_id: int) -> _Plan:
         writer = self._resolver.writer_schema(self.subject, schema_id)
         if writer.fullname != self.schema.fullname:
             raise RejectedEvent(
@@ -832,9 +869,10 @@ class Codec:
                 f"schema id {schema_id} is a {writer.fullname}, not a {self.schema.fullname}",
             )
         if writer.canonical_form == self.schema.canonical_form:
-            plan = (self.schema.parsed, None)  # same encoding: no resolution needed
+            plan: _Plan = (self.schema.parsed, None, _names_records(self.schema.parsed))
         else:
-            plan = (writer.parsed, self.schema.parsed)
+            names = _names_records(writer.parsed) or _names_records(self.schema.parsed)
+            plan = (writer.parsed, self.schema.parsed, names)
         self._plans[schema_id] = plan
         return plan
 
