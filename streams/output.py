@@ -13,7 +13,9 @@ Contract:
   await in between, so cancelling the worker can never leave an event half-sent.
 * :meth:`drain` hands every builder filled so far to the producer and registers each batch
   future with ``track`` (the :class:`streams.delivery.DeliveryGuard`): a failed batch ends
-  the process before any commit. It runs when a builder is full, shortly after any add (a
+  the process before any commit. A drain cancelled part-way (the worker stopping while the
+  producer makes room) keeps the batches it had not handed over, in order, for the next
+  drain: the events behind them may already be acknowledged. It runs when a builder is full, shortly after any add (a
   background task, so outputs such as PAUSE events leave within milliseconds), and before
   every offset commit (the guard's flush), so no commit overtakes a queued message.
 * Messages of one topic-partition keep the order of :meth:`add` (batches of a partition are
@@ -100,13 +102,20 @@ class BatchedOutput:
             self._open = {}
             self._queued = 0
             producer = self._producer()
-            for topic, partition, builder, callback in batches:
+            for index, (topic, partition, builder, callback) in enumerate(batches):
                 count = builder.record_count()
                 if count == 0:
                     continue
                 try:
                     future = await producer.send_batch(builder, topic, partition=partition)
                 except asyncio.CancelledError:
+                    # Cancelled while the producer made room (stopping, or a commit task
+                    # cancelled): this batch and the later ones were not handed over, and
+                    # the offsets of their events may already be acknowledged. Put them
+                    # back, first in line and in order, for the next drain (the commit's).
+                    self._full[:0] = batches[index:]
+                    self._queued += sum(batch[2].record_count() for batch in batches[index:])
+                    self._wake.set()
                     raise
                 except Exception:
                     # The batch (and those after it) would be lost while their source

@@ -127,7 +127,7 @@ def test_a_record_is_acknowledged_only_after_it_was_processed() -> None:
         assert not message.acked
 
     batches = [[record(USAGE, 0, 0), record(USAGE, 0, 1)]]
-    consumer, processed, _ = asyncio.run(run(batches, on_process=check))
+    _, processed, _ = asyncio.run(run(batches, on_process=check))
     assert seen == [None, 1]
     assert all(m.acked for m in processed)
 

@@ -147,6 +147,46 @@ def test_a_message_bigger_than_a_batch_travels_alone_not_dropped() -> None:
     assert [value[:1] for _, value in producer.messages("t", 0)] == [b"x", b"y", b"z"]
 
 
+class SlowProducer(RecordingProducer):
+    """A producer that makes the caller wait before taking each batch (aiokafka's
+    ``send_batch`` waits so while the partition's previous batch is still queued)."""
+
+    async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int) -> Any:
+        await asyncio.sleep(0.05)
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+def test_a_drain_cancelled_midway_keeps_what_it_had_not_handed_over() -> None:
+    """The worker stopping while a drain waits on the producer (SIGTERM cancels the task
+    that drains) must not lose the batches not yet handed over: the events behind them may
+    already be acknowledged, and the commit's own drain has to send them, in order."""
+
+    async def scenario() -> SlowProducer:
+        producer = SlowProducer(batch_size=128)
+        output = BatchedOutput(lambda: producer, lambda _: None)
+        for i in range(40):
+            output.add("priced", i % 2, b"org", f"value-{i}".encode())
+        draining = asyncio.ensure_future(output.drain())
+        await asyncio.sleep(0.07)  # the first batch is handed over, the second is waiting
+        draining.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await draining
+        assert 0 < len(producer.sent) and output.queued > 0
+        output.add("priced", 0, b"org", b"after")
+        await output.drain()  # the commit's drain
+        assert output.queued == 0
+        return producer
+
+    producer = run(scenario())
+    assert [v for _, v in producer.messages("priced", 0)] == [
+        *(f"value-{i}".encode() for i in range(0, 40, 2)),
+        b"after",
+    ]
+    assert [v for _, v in producer.messages("priced", 1)] == [
+        f"value-{i}".encode() for i in range(1, 40, 2)
+    ]
+
+
 def test_background_drainer_sends_soon_after_an_add() -> None:
     async def scenario() -> None:
         producer = RecordingProducer()
