@@ -56,6 +56,7 @@ from streams import metrics
 from streams.codec import Codecs, dead_letter_record, priced_to_record
 from streams.control import RepriceMessage, control_from_record, repriced
 from streams.delivery import DeliveryGuard
+from streams.diagnostics import consumer_state
 from streams.fastpath import deliver_directly
 from streams.kafka_config import faust_broker_config
 from streams.members import (
@@ -123,6 +124,7 @@ class MeteringApp(faust.App):
 
     metering_settings: Settings
     metering_caps: Callable[[str], dict[str, Any] | None]
+    metering_consumer_state: Callable[[], dict[str, Any]]
     metering_consumer_hooks: list[Callable[[Any], None]]
     metering_tables: list[Any]
 
@@ -453,6 +455,9 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     # Where each source partition without a committed offset starts (its log start offset).
     start_offsets: dict[Any, int] = {}
     assigned_at = [0.0]  # when the last assignment began (table recovery time)
+    app.metering_consumer_state = lambda: consumer_state(
+        app, (usage_name, control_name), next_offsets
+    )
 
     # A rebalance ends what this worker knew of its partitions: cached policies, expected
     # offsets, and which partitions its buffered state may be written for.

@@ -4,6 +4,9 @@
 * ``GET /metering/health`` — liveness and whether this process owns the store.
 * ``GET /metering/caps?org=ORG`` — (worker) enforcement state of one org as this worker sees
   it: :func:`core.enforcement.describe` (404 when it has none).
+* ``GET /metering/consumer`` — (worker) what its consumer is doing: flow, partitions with
+  their offsets as Faust and aiokafka see them, and the event loop's tasks
+  (:mod:`streams.diagnostics`), for a worker that has lag and makes no progress.
 * ``POST /metering/query`` — ``{"query", "args"}``: one named read query
   (:mod:`sinks.queries`) against the store this process owns — the CLI's read path while chDB
   is held by this process. No SQL is accepted.
@@ -97,6 +100,12 @@ def register_pages(app: Any, settings: Settings) -> None:
                     _error(404, f"this worker has no enforcement state for org {org_id!r}"),
                 )
             return respond(self, (200, json.dumps(caps).encode(), JSON))
+
+    @app.page("/metering/consumer")
+    class ConsumerState(View):
+        async def get(self, request: Request) -> Response:
+            state = app.metering_consumer_state()
+            return respond(self, (200, json.dumps(state, default=str).encode(), JSON))
 
     @app.page(QUERY_PATH)
     class Query(View):

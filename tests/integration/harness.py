@@ -176,7 +176,25 @@ class Deployment:
                 f"exit {worker.process.poll()}):\n{worker.log()[-2500:]}"
                 for worker in self.workers
             )
-            raise AssertionError(f"{error}; last seen {seen[0]}\n{tails}{self._stacks()}") from None
+            states = self._consumer_states() + self._stacks()
+            raise AssertionError(f"{error}; last seen {seen[0]}\n{tails}{states}") from None
+
+    def _consumer_states(self) -> str:
+        """``GET /metering/consumer`` of every live worker (streams/diagnostics.py)."""
+        import httpx
+
+        states = []
+        for worker in self.workers:
+            if worker.command != "worker" or worker.process.poll() is not None:
+                continue
+            port = (worker.env or {}).get("METERING_WEB_PORT") or self.env["METERING_WEB_PORT"]
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{port}/metering/consumer", timeout=10)
+                text = reply.text
+            except httpx.HTTPError as exc:
+                text = f"unreadable: {exc!r}"
+            states.append(f"--- consumer of worker pid {worker.process.pid}:\n{text}")
+        return "\n" + "\n".join(states)
 
     def _stacks(self) -> str:
         """The Python stacks of the live workers, when py-spy is installed (a stall's only
