@@ -91,6 +91,12 @@ def apply_correction(
     return [*updated, correction_offset]
 
 
+def extra_cost_nano(total: list[int] | None) -> int:
+    """The billable figure of a total (what caps count): ``MonthTotals.of(total)
+    .extra_cost_nano`` without building the view (read several times per event)."""
+    return 0 if total is None else total[EXTRA_COST]
+
+
 @dataclass(frozen=True, slots=True)
 class MonthTotals:
     """A read-only view of one total, for reports and the enforcement rules."""

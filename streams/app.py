@@ -50,7 +50,7 @@ from core.errors import RejectedEvent
 from core.metering import Meter, Status
 from core.pricing import PriceTable, default_price_table_path
 from core.settings import Settings, load_settings
-from core.totals import MonthTotals, org_key, user_key
+from core.totals import extra_cost_nano, org_key, user_key
 from core.validation import validate_usage
 from streams import metrics
 from streams.codec import Codecs, dead_letter_record, priced_to_record
@@ -279,7 +279,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             if period is None:
                 return 0
             key = org_key(org_id, period) if user_id is None else user_key(org_id, period, user_id)
-            return MonthTotals.of(read(key, partition)).extra_cost_nano
+            return extra_cost_nano(read(key, partition))
 
         return spend
 

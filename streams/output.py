@@ -13,11 +13,11 @@ Contract:
   await in between, so cancelling the worker can never leave an event half-sent.
 * :meth:`drain` hands every builder filled so far to the producer and registers each batch
   future with ``track`` (the :class:`streams.delivery.DeliveryGuard`): a failed batch ends
-  the process before any commit. A drain cancelled part-way (the worker stopping while the
-  producer makes room) keeps the batches it had not handed over, in order, for the next
-  drain: the events behind them may already be acknowledged. It runs when a builder is full, shortly after any add (a
+  the process before any commit. It runs when a builder is full, shortly after any add (a
   background task, so outputs such as PAUSE events leave within milliseconds), and before
-  every offset commit (the guard's flush), so no commit overtakes a queued message.
+  every offset commit (the guard's flush), so no commit overtakes a queued message. A drain
+  cancelled part-way (the worker stopping while the producer makes room) keeps the batches
+  it had not handed over, in order, for the next drain: their events may be acknowledged.
 * Messages of one topic-partition keep the order of :meth:`add` (batches of a partition are
   sent one after the other, aiokafka allows one in flight per partition).
 * ``on_sent(topic, partition, last_offset)`` callbacks run when a batch is acknowledged;
