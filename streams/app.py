@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 PERIOD_TICK_SECONDS = 60.0
 POLICY_CACHE_SIZE = 10_000
 FETCH_MAX_WAIT_MS = 100  # see short_fetch_wait in create_app
+COMMIT_STALL_SECONDS = 120.0  # see check_commits_progress
 EXIT_BUG = 70  # EX_SOFTWARE: supervisor restarts us; the event was not acknowledged
 
 
@@ -463,6 +464,8 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     # offsets, and which partitions its buffered state may be written for.
     @app.on_partitions_revoked.connect
     async def on_revoked(*_: Any, **__: Any) -> None:
+        held.clear()
+        uncommitted_since.clear()
         start_offsets.clear()
         metrics.CONSUMER_LAG.clear()
         store.forget()
@@ -498,6 +501,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             if assigned_at[0]:
                 metrics.TABLE_RECOVERY_SECONDS.observe(time.monotonic() - assigned_at[0])
                 assigned_at[0] = 0.0
+            generation = app.consumer_generation_id
             committed = await seek_to_committed()
             fresh = [
                 tp
@@ -508,11 +512,58 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
                 beginnings = await consumer.earliest_offsets(*fresh)
                 await consumer._thread.seek_wait({tp: beginnings[tp] for tp in fresh})
                 start_offsets.update(beginnings)
+            release_sources(consumer, generation)
             return committed
 
         consumer.seek_to_committed = seek_to_committed_or_beginning
 
     app.metering_consumer_hooks.append(seek_fresh_partitions_to_beginning)
+
+    # Source partitions of an assignment, held paused until they are seeked (see
+    # hold_sources_until_seeked); and the generation whose seek released them.
+    held: set[Any] = set()
+    seeked_generation = [-1]
+
+    def hold_sources_until_seeked(consumer: Any) -> None:
+        """Keep an assignment's source partitions paused until their seek is done.
+
+        When table recovery completes, Faust resumes the stream partitions *and then* seeks
+        them to their committed offsets (``Recovery.on_recovery_completed``). Records fetched
+        in between were processed and acknowledged, and then the seek rewound the partition
+        under them: Faust reset its committed offset and read offset while a fetched batch
+        was still being processed, the records fetched again were dropped as already read,
+        and its acknowledgements no longer started at the committed offset, so no commit of
+        that partition ever succeeded again. The worker kept processing with its lag frozen
+        (tests/integration/test_crash.py, two workers, one killed: about one run in four).
+        Holding the partitions until :func:`seek_to_committed_or_beginning` has seeked them
+        means no record of the assignment is processed from a position fetched before the
+        seek.
+        """
+        resume = consumer.resume_partitions
+
+        def resume_when_seeked(tps: Any) -> None:
+            tps = set(tps)
+            if seeked_generation[0] != app.consumer_generation_id:
+                sources = {tp for tp in tps if tp.topic in (usage_name, control_name)}
+                held.update(sources)
+                tps -= sources
+            if tps:
+                resume(tps)
+
+        consumer.resume_partitions = resume_when_seeked
+        consumer.metering_resume_partitions = resume
+
+    def release_sources(consumer: Any, generation: int) -> None:
+        """The seek of ``generation``'s partitions is done: resume what was held, unless a
+        new rebalance began meanwhile (its own seek releases its partitions)."""
+        if generation != app.consumer_generation_id:
+            return
+        seeked_generation[0] = generation
+        if held:
+            consumer.metering_resume_partitions(set(held))
+            held.clear()
+
+    app.metering_consumer_hooks.append(hold_sources_until_seeked)
 
     def short_fetch_wait(consumer: Any) -> None:
         """Fetch with a short long-poll (:data:`FETCH_MAX_WAIT_MS`) instead of Faust's 1.5 s.
@@ -536,9 +587,13 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
 
     app.metering_consumer_hooks.append(short_fetch_wait)
 
+    # Per source partition: (committed offset, since when) while records past it are processed.
+    uncommitted_since: dict[Any, tuple[int | None, float]] = {}
+
     @app.timer(5.0)
     async def report_lag() -> None:
-        """``metering_consumer_lag`` per source partition this worker owns."""
+        """``metering_consumer_lag`` per source partition this worker owns, and the commit
+        watchdog (:func:`check_commits_progress`)."""
         consumer = app.consumer
         for tp in consumer.assignment():
             if tp.topic not in (usage_name, control_name):
@@ -551,6 +606,41 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                     max(high - position, 0)
                 )
+        check_commits_progress(consumer, time.monotonic())
+
+    def check_commits_progress(consumer: Any, now: float) -> None:
+        """Exit (status 70, restart) when a partition's records are processed but its
+        committed offset has not moved for :data:`COMMIT_STALL_SECONDS`.
+
+        Offsets are committed every second while records are processed, so a committed
+        offset that stays behind means Faust's commit bookkeeping for the partition is stuck
+        (it happened after a rebalance; see :func:`hold_sources_until_seeked`): the worker
+        would go on processing with a lag that never falls, and a later restart would redo
+        everything since. A restart now resumes from the last commit (reprocessing is
+        idempotent) and the stall is visible in the log instead of silent.
+        """
+        for tp, processed in list(next_offsets.items()):
+            committed = consumer._committed_offset.get(tp)
+            if committed is not None and processed <= committed:
+                uncommitted_since.pop(tp, None)
+                continue
+            seen = uncommitted_since.get(tp)
+            if seen is None or seen[0] != committed:
+                uncommitted_since[tp] = (committed, now)
+            elif now - seen[1] >= COMMIT_STALL_SECONDS:
+                log.critical(
+                    "%s[%d]: records up to offset %d were processed but the committed offset "
+                    "has stayed at %s for %.0f s; exiting so that a restart resumes from it. "
+                    "Consumer state: %s",
+                    tp.topic,
+                    tp.partition,
+                    processed - 1,
+                    committed,
+                    now - seen[1],
+                    orjson.dumps(app.metering_consumer_state()["partitions"], default=str).decode(),
+                )
+                logging.shutdown()
+                os._exit(EXIT_BUG)
 
     def check_contiguous(message: Any) -> None:
         tp = message.tp

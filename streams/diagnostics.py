@@ -77,11 +77,18 @@ def _partitions(
                 "buffered": tp in consumer._buffered_partitions,
                 "read_offset": consumer._read_offset.get(tp),
                 "committed_offset": consumer._committed_offset.get(tp),
+                "acked_pending": len(consumer._acked.get(tp) or ()),
+                "acked_lowest": min(consumer._acked.get(tp) or [None], key=_low),
+                "gaps": [[g.begin, g.end] for g in sorted(consumer._gap.get(tp) or ())][:10],
                 "next_offset": next_offsets.get(tp),
                 "highwater": consumer.highwater(tp),
             }
         )
     return rows
+
+
+def _low(offset: int | None) -> float:
+    return float("inf") if offset is None else offset
 
 
 def _aiokafka(consumer: Any, source_topics: Collection[str]) -> dict[str, Any]:
