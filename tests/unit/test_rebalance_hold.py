@@ -1,0 +1,106 @@
+"""The worker's consumer hooks around a rebalance, on the real app and a real Faust consumer
+(not started: the seek underneath is scripted).
+
+What they pin: after an assignment, resuming the source partitions (Faust does it when table
+recovery completes, *before* it seeks them) leaves them paused until the seek to their
+committed offsets is done; changelog partitions resume at once; a seek that a newer
+rebalance overtook releases nothing. tests/integration/test_crash.py runs the same on a
+real broker with a worker killed mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faust.types import TP
+
+from core.settings import load_settings
+from streams.app import create_app
+from streams.topics import CONTROL, USAGE
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Any:
+    settings = load_settings(data_dir=str(tmp_path), app_id="hold-test", partitions=2)
+    app = create_app(settings)
+    consumer = app.consumer
+    seeks: list[int] = []
+
+    async def seek_to_committed() -> dict[TP, int]:
+        seeks.append(app.consumer_generation_id)
+        await asyncio.sleep(0)
+        return {TP(settings.topic(USAGE), p): 10 for p in range(2)}
+
+    consumer.seek_to_committed = seek_to_committed  # what the hooks wrap
+    for hook in app.metering_consumer_hooks:
+        if hook.__name__ in ("seek_fresh_partitions_to_beginning", "hold_sources_until_seeked"):
+            hook(consumer)
+    return app, settings, seeks
+
+
+def active(app: Any) -> set[TP]:
+    return set(app.consumer._active_partitions or ())
+
+
+def test_source_partitions_resume_only_after_their_seek(worker: Any) -> None:
+    app, settings, seeks = worker
+    consumer = app.consumer
+    usage = {TP(settings.topic(USAGE), p) for p in range(2)}
+    control = {TP(settings.topic(CONTROL), p) for p in range(2)}
+    changelog = {TP("hold-test-totals-changelog", p) for p in range(2)}
+    app.consumer_generation_id = 1
+    consumer._set_active_tps(set())
+
+    consumer.resume_partitions(changelog)  # recovery reads the changelogs
+    assert active(app) == changelog
+    consumer.resume_partitions(usage | control)  # recovery done, before the seek
+    assert active(app) == changelog
+    assert asyncio.run(consumer.seek_to_committed()) == {tp: 10 for tp in usage}
+    assert active(app) == changelog | usage | control
+    assert seeks == [1]
+
+    # Once seeked, the same generation resumes at once (a pause for a full buffer, say).
+    consumer.pause_partitions(usage)
+    consumer.resume_partitions(usage)
+    assert usage <= active(app)
+
+
+def test_the_next_assignment_is_held_again(worker: Any) -> None:
+    app, settings, _ = worker
+    consumer = app.consumer
+    usage = {TP(settings.topic(USAGE), p) for p in range(2)}
+    app.consumer_generation_id = 1
+    consumer._set_active_tps(set())
+    consumer.resume_partitions(usage)
+    asyncio.run(consumer.seek_to_committed())
+    assert active(app) == usage
+
+    consumer.pause_partitions(usage)  # a rebalance: generation 2
+    app.consumer_generation_id = 2
+    consumer.resume_partitions(usage)
+    assert active(app) == set()
+    asyncio.run(consumer.seek_to_committed())
+    assert active(app) == usage
+
+
+def test_a_seek_overtaken_by_a_newer_rebalance_releases_nothing(worker: Any) -> None:
+    app, settings, _ = worker
+    consumer = app.consumer
+    usage = {TP(settings.topic(USAGE), p) for p in range(2)}
+    app.consumer_generation_id = 1
+    consumer._set_active_tps(set())
+    consumer.resume_partitions(usage)
+
+    async def seek_while_rebalancing() -> None:
+        seeking = asyncio.ensure_future(consumer.seek_to_committed())
+        await asyncio.sleep(0)
+        app.consumer_generation_id = 2  # generation 2 assigned while generation 1 seeks
+        await seeking
+
+    asyncio.run(seek_while_rebalancing())
+    assert active(app) == set()
+    asyncio.run(consumer.seek_to_committed())  # generation 2's own seek
+    assert active(app) == usage
