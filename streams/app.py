@@ -495,34 +495,42 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         first record must be.
         """
         seek_to_committed = consumer.seek_to_committed
+        one_at_a_time = asyncio.Lock()
 
         async def seek_to_committed_or_beginning() -> Any:
-            # Faust seeks the stream partitions once table recovery is complete.
-            if assigned_at[0]:
-                metrics.TABLE_RECOVERY_SECONDS.observe(time.monotonic() - assigned_at[0])
-                assigned_at[0] = 0.0
-            generation = app.consumer_generation_id
-            committed = await seek_to_committed()
-            fresh = [
-                tp
-                for tp, offset in committed.items()
-                if tp.topic in (usage_name, control_name) and not (offset and offset > 0)
-            ]
-            if fresh:
-                beginnings = await consumer.earliest_offsets(*fresh)
-                await consumer._thread.seek_wait({tp: beginnings[tp] for tp in fresh})
-                start_offsets.update(beginnings)
-            release_sources(consumer, generation)
-            return committed
+            # Faust seeks when table recovery is complete, and also from its fetch loop when
+            # it finds the flow stopped; two seeks may overlap. One at a time, so that each
+            # one's offsets (which Faust stores right after this returns) are the newest.
+            async with one_at_a_time:
+                # Faust seeks the stream partitions once table recovery is complete.
+                if assigned_at[0]:
+                    metrics.TABLE_RECOVERY_SECONDS.observe(time.monotonic() - assigned_at[0])
+                    assigned_at[0] = 0.0
+                generation, started = app.consumer_generation_id, hold_clock[0]
+                committed = await seek_to_committed()
+                fresh = [
+                    tp
+                    for tp, offset in committed.items()
+                    if tp.topic in (usage_name, control_name) and not (offset and offset > 0)
+                ]
+                if fresh:
+                    beginnings = await consumer.earliest_offsets(*fresh)
+                    await consumer._thread.seek_wait({tp: beginnings[tp] for tp in fresh})
+                    start_offsets.update(beginnings)
+                release_sources(consumer, generation, started)
+                return committed
 
         consumer.seek_to_committed = seek_to_committed_or_beginning
 
     app.metering_consumer_hooks.append(seek_fresh_partitions_to_beginning)
 
     # Source partitions of an assignment, held paused until they are seeked (see
-    # hold_sources_until_seeked); and the generation whose seek released them.
+    # hold_sources_until_seeked); the generation whose seek released them; and a clock that
+    # ticks when a hold begins, so that only a seek begun after it releases it.
     held: set[Any] = set()
     seeked_generation = [-1]
+    hold_clock = [0]
+    held_at = [0]
 
     def hold_sources_until_seeked(consumer: Any) -> None:
         """Keep an assignment's source partitions paused until their seek is done.
@@ -545,23 +553,27 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             tps = set(tps)
             if seeked_generation[0] != app.consumer_generation_id:
                 sources = {tp for tp in tps if tp.topic in (usage_name, control_name)}
-                held.update(sources)
-                tps -= sources
+                if sources:
+                    hold_clock[0] += 1
+                    held_at[0] = hold_clock[0]
+                    held.update(sources)
+                    tps -= sources
             if tps:
                 resume(tps)
 
         consumer.resume_partitions = resume_when_seeked
         consumer.metering_resume_partitions = resume
 
-    def release_sources(consumer: Any, generation: int) -> None:
-        """The seek of ``generation``'s partitions is done: resume what was held, unless a
+    def release_sources(consumer: Any, generation: int, started: int) -> None:
+        """A seek begun in ``generation`` at hold clock ``started`` is done: resume what was
+        held if the seek began after the hold did (an earlier seek, from Faust's fetch loop
+        say, may have read offsets older than the records about to be processed), unless a
         new rebalance began meanwhile (its own seek releases its partitions)."""
-        if generation != app.consumer_generation_id:
+        if generation != app.consumer_generation_id or not held or started < held_at[0]:
             return
         seeked_generation[0] = generation
-        if held:
-            consumer.metering_resume_partitions(set(held))
-            held.clear()
+        consumer.metering_resume_partitions(set(held))
+        held.clear()
 
     app.metering_consumer_hooks.append(hold_sources_until_seeked)
 

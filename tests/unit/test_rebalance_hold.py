@@ -104,3 +104,26 @@ def test_a_seek_overtaken_by_a_newer_rebalance_releases_nothing(worker: Any) -> 
     assert active(app) == set()
     asyncio.run(consumer.seek_to_committed())  # generation 2's own seek
     assert active(app) == usage
+
+
+def test_a_seek_begun_before_the_hold_releases_nothing(worker: Any) -> None:
+    """Faust's fetch loop seeks too when it finds the flow stopped, early in an assignment;
+    that seek read its offsets before the partitions were resumed and must not release
+    them: the seek that table recovery makes after resuming them does."""
+    app, settings, seeks = worker
+    consumer = app.consumer
+    usage = {TP(settings.topic(USAGE), p) for p in range(2)}
+    app.consumer_generation_id = 1
+    consumer._set_active_tps(set())
+
+    async def early_seek_then_resume() -> None:
+        early = asyncio.ensure_future(consumer.seek_to_committed())
+        await asyncio.sleep(0)  # the early seek has begun
+        consumer.resume_partitions(usage)  # recovery completes: resume, then seek
+        await early
+        assert active(app) == set()
+        await consumer.seek_to_committed()  # recovery's own seek, after the early one
+        assert active(app) == usage
+
+    asyncio.run(early_seek_then_resume())
+    assert seeks == [1, 1]
