@@ -536,16 +536,18 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         """Keep an assignment's source partitions paused until their seek is done.
 
         When table recovery completes, Faust resumes the stream partitions *and then* seeks
-        them to their committed offsets (``Recovery.on_recovery_completed``). Records fetched
-        in between were processed and acknowledged, and then the seek rewound the partition
-        under them: Faust reset its committed offset and read offset while a fetched batch
-        was still being processed, the records fetched again were dropped as already read,
-        and its acknowledgements no longer started at the committed offset, so no commit of
-        that partition ever succeeded again. The worker kept processing with its lag frozen
-        (tests/integration/test_crash.py, two workers, one killed: about one run in four).
-        Holding the partitions until :func:`seek_to_committed_or_beginning` has seeked them
-        means no record of the assignment is processed from a position fetched before the
-        seek.
+        them to their committed offsets (``Recovery.on_recovery_completed``); its fetch loop
+        may also have begun a seek of its own when it found the flow stopped. Records were
+        processed before the last seek finished, and that seek then stored offsets older
+        than them and rewound the fetch position under them. Traced in
+        tests/integration/test_crash.py (two workers, one killed; about one run in three):
+        the fetch loop's seek began at .017 s, recovery's at .043 s and finished first
+        (.052 s), records were processed, the fetch loop's seek finished at .340 s; every
+        record was then processed and acknowledged twice and Faust's commit crept forward
+        one offset per second (another time it never moved again). The worker went on with
+        its lag frozen. So: seeks run one at a time (:func:`seek_to_committed_or_beginning`),
+        and the source partitions resume only when a seek begun after they were held is
+        done: no record of an assignment is processed before its positions are final.
         """
         resume = consumer.resume_partitions
 
@@ -621,34 +623,35 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         check_commits_progress(consumer, time.monotonic())
 
     def check_commits_progress(consumer: Any, now: float) -> None:
-        """Exit (status 70, restart) when a partition's records are processed but its
-        committed offset has not moved for :data:`COMMIT_STALL_SECONDS`.
+        """Exit (status 70, restart) when records of a partition processed
+        :data:`COMMIT_STALL_SECONDS` ago are still not committed.
 
         Offsets are committed every second while records are processed, so a committed
         offset that stays behind means Faust's commit bookkeeping for the partition is stuck
-        (it happened after a rebalance; see :func:`hold_sources_until_seeked`): the worker
-        would go on processing with a lag that never falls, and a later restart would redo
-        everything since. A restart now resumes from the last commit (reprocessing is
-        idempotent) and the stall is visible in the log instead of silent.
+        or crawling (both happened after a rebalance, see :func:`hold_sources_until_seeked`:
+        once no commit at all, once one offset per second): the worker would go on
+        processing with a lag that never falls, and a later restart would redo everything
+        since. A restart now resumes from the last commit (reprocessing is idempotent) and
+        the stall is in the log instead of silent.
         """
         for tp, processed in list(next_offsets.items()):
             committed = consumer._committed_offset.get(tp)
             if committed is not None and processed <= committed:
                 uncommitted_since.pop(tp, None)
                 continue
-            seen = uncommitted_since.get(tp)
-            if seen is None or seen[0] != committed:
-                uncommitted_since[tp] = (committed, now)
-            elif now - seen[1] >= COMMIT_STALL_SECONDS:
+            mark = uncommitted_since.get(tp)
+            if mark is None or (committed is not None and committed >= mark[0]):
+                uncommitted_since[tp] = (processed, now)  # must be committed in time
+            elif now - mark[1] >= COMMIT_STALL_SECONDS:
                 log.critical(
-                    "%s[%d]: records up to offset %d were processed but the committed offset "
-                    "has stayed at %s for %.0f s; exiting so that a restart resumes from it. "
+                    "%s[%d]: records up to offset %d were processed %.0f s ago but the "
+                    "committed offset is still %s; exiting so that a restart resumes from it. "
                     "Consumer state: %s",
                     tp.topic,
                     tp.partition,
-                    processed - 1,
+                    mark[0] - 1,
+                    now - mark[1],
                     committed,
-                    now - seen[1],
                     orjson.dumps(app.metering_consumer_state()["partitions"], default=str).decode(),
                 )
                 logging.shutdown()
