@@ -45,6 +45,13 @@ def active(app: Any) -> set[TP]:
     return set(app.consumer._active_partitions or ())
 
 
+def assignment(app: Any, settings: Any, generation: int = 1) -> set[TP]:
+    """Generation ``generation`` assigned, nothing fetched yet; its usage partitions."""
+    app.consumer_generation_id = generation
+    app.consumer._set_active_tps(set())
+    return {TP(settings.topic(USAGE), p) for p in range(2)}
+
+
 def test_source_partitions_resume_only_after_their_seek(worker: Any) -> None:
     app, settings, seeks = worker
     consumer = app.consumer
@@ -71,9 +78,7 @@ def test_source_partitions_resume_only_after_their_seek(worker: Any) -> None:
 def test_the_next_assignment_is_held_again(worker: Any) -> None:
     app, settings, _ = worker
     consumer = app.consumer
-    usage = {TP(settings.topic(USAGE), p) for p in range(2)}
-    app.consumer_generation_id = 1
-    consumer._set_active_tps(set())
+    usage = assignment(app, settings)
     consumer.resume_partitions(usage)
     asyncio.run(consumer.seek_to_committed())
     assert active(app) == usage
@@ -89,9 +94,7 @@ def test_the_next_assignment_is_held_again(worker: Any) -> None:
 def test_a_seek_overtaken_by_a_newer_rebalance_releases_nothing(worker: Any) -> None:
     app, settings, _ = worker
     consumer = app.consumer
-    usage = {TP(settings.topic(USAGE), p) for p in range(2)}
-    app.consumer_generation_id = 1
-    consumer._set_active_tps(set())
+    usage = assignment(app, settings)
     consumer.resume_partitions(usage)
 
     async def seek_while_rebalancing() -> None:
@@ -112,9 +115,7 @@ def test_a_seek_begun_before_the_hold_releases_nothing(worker: Any) -> None:
     them: the seek that table recovery makes after resuming them does."""
     app, settings, seeks = worker
     consumer = app.consumer
-    usage = {TP(settings.topic(USAGE), p) for p in range(2)}
-    app.consumer_generation_id = 1
-    consumer._set_active_tps(set())
+    usage = assignment(app, settings)
 
     async def early_seek_then_resume() -> None:
         early = asyncio.ensure_future(consumer.seek_to_committed())
