@@ -501,12 +501,10 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             # Faust seeks when table recovery is complete, and also from its fetch loop when
             # it finds the flow stopped; two seeks may overlap. One at a time, so that each
             # one's offsets (which Faust stores right after this returns) are the newest.
+            # When it was asked for, not when its turn came (a rebalance may begin while it
+            # waits): see release_sources.
+            generation, started = app.consumer_generation_id, hold_clock[0]
             async with one_at_a_time:
-                # Faust seeks the stream partitions once table recovery is complete.
-                if assigned_at[0]:
-                    metrics.TABLE_RECOVERY_SECONDS.observe(time.monotonic() - assigned_at[0])
-                    assigned_at[0] = 0.0
-                generation, started = app.consumer_generation_id, hold_clock[0]
                 committed = await seek_to_committed()
                 fresh = [
                     tp
@@ -531,6 +529,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     seeked_generation = [-1]
     hold_clock = [0]
     held_at = [0]
+    held_since = [0.0]  # when the current hold began (time.monotonic)
 
     def hold_sources_until_seeked(consumer: Any) -> None:
         """Keep an assignment's source partitions paused until their seek is done.
@@ -538,8 +537,8 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         When table recovery completes, Faust resumes the stream partitions *and then* seeks
         them to their committed offsets (``Recovery.on_recovery_completed``); its fetch loop
         may also have begun a seek of its own when it found the flow stopped. Records were
-        processed before the last seek finished, and that seek then stored offsets older
-        than them and rewound the fetch position under them. Traced in
+        processed before the last seek finished, and that seek then stored read and
+        committed offsets taken before those records. Traced in
         tests/integration/test_crash.py (two workers, one killed; about one run in three):
         the fetch loop's seek began at .017 s, recovery's at .043 s and finished first
         (.052 s), records were processed, the fetch loop's seek finished at .340 s; every
@@ -556,6 +555,8 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             if seeked_generation[0] != app.consumer_generation_id:
                 sources = {tp for tp in tps if tp.topic in (usage_name, control_name)}
                 if sources:
+                    if not held:
+                        held_since[0] = time.monotonic()
                     hold_clock[0] += 1
                     held_at[0] = hold_clock[0]
                     held.update(sources)
@@ -565,6 +566,20 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
 
         consumer.resume_partitions = resume_when_seeked
         consumer.metering_resume_partitions = resume
+
+        # Faust makes a new assignment's partitions active and pauses them a few awaits
+        # later; a worker whose flow was not stopped (its previous assignment was empty)
+        # could fetch source records in between, before its tables are recovered. They
+        # start paused instead.
+        assigned_by_faust = consumer.on_partitions_assigned
+
+        async def assigned_paused(assigned: Any, generation_id: int = 0) -> None:
+            consumer._paused_partitions.update(
+                tp for tp in assigned if tp.topic in (usage_name, control_name)
+            )
+            await assigned_by_faust(assigned, generation_id)
+
+        consumer.on_partitions_assigned = assigned_paused
 
     def release_sources(consumer: Any, generation: int, started: int) -> None:
         """A seek begun in ``generation`` at hold clock ``started`` is done: resume what was
@@ -576,6 +591,9 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         seeked_generation[0] = generation
         consumer.metering_resume_partitions(set(held))
         held.clear()
+        if assigned_at[0]:  # the assignment's tables are recovered and its streams ready
+            metrics.TABLE_RECOVERY_SECONDS.observe(time.monotonic() - assigned_at[0])
+            assigned_at[0] = 0.0
 
     app.metering_consumer_hooks.append(hold_sources_until_seeked)
 
@@ -615,7 +633,10 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             position = next_offsets.get(tp)
             if position is None:
                 position = consumer._committed_offset.get(tp) or start_offsets.get(tp)
-            high = consumer.highwater(tp)
+            try:
+                high = consumer.highwater(tp)
+            except AssertionError:  # revoked on the consumer thread since assignment()
+                continue
             if position is not None and high is not None:
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                     max(high - position, 0)
@@ -634,6 +655,16 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         since. A restart now resumes from the last commit (reprocessing is idempotent) and
         the stall is in the log instead of silent.
         """
+        if held and now - held_since[0] >= COMMIT_STALL_SECONDS:
+            # A hold lasts one seek (milliseconds); this one's seek never finished.
+            log.critical(
+                "source partitions %s are still waiting for their seek after %.0f s; "
+                "exiting so that a restart assigns them again",
+                sorted(f"{tp.topic}[{tp.partition}]" for tp in held),
+                now - held_since[0],
+            )
+            logging.shutdown()
+            os._exit(EXIT_BUG)
         for tp, processed in list(next_offsets.items()):
             committed = consumer._committed_offset.get(tp)
             if committed is not None and processed <= committed:

@@ -32,7 +32,11 @@ def worker(tmp_path: Path) -> Any:
     async def seek_to_committed() -> dict[TP, int]:
         seeks.append(app.consumer_generation_id)
         await asyncio.sleep(0)
+        if app.metering_test_gate is not None:  # a slow seek: finishes when the test says
+            await app.metering_test_gate.wait()
         return {TP(settings.topic(USAGE), p): 10 for p in range(2)}
+
+    app.metering_test_gate = None
 
     consumer.seek_to_committed = seek_to_committed  # what the hooks wrap
     for hook in app.metering_consumer_hooks:
@@ -128,3 +132,26 @@ def test_a_seek_begun_before_the_hold_releases_nothing(worker: Any) -> None:
 
     asyncio.run(early_seek_then_resume())
     assert seeks == [1, 1]
+
+
+def test_a_seek_asked_for_before_a_rebalance_releases_nothing_after_it(worker: Any) -> None:
+    """Recovery of generation 1 asks for its seek while the fetch loop's seek holds the
+    turn; generation 2 is assigned before that turn comes: the seek belongs to generation
+    1 and must not release partitions for generation 2, which has its own recovery ahead."""
+    app, settings, _ = worker
+    consumer = app.consumer
+    usage = assignment(app, settings)
+
+    async def scenario() -> None:
+        app.metering_test_gate = gate = asyncio.Event()
+        early = asyncio.ensure_future(consumer.seek_to_committed())  # holds the turn
+        await asyncio.sleep(0.01)
+        consumer.resume_partitions(usage)
+        recovery = asyncio.ensure_future(consumer.seek_to_committed())  # waits its turn
+        await asyncio.sleep(0.01)
+        app.consumer_generation_id = 2
+        gate.set()
+        await asyncio.gather(early, recovery)
+        assert active(app) == set()
+
+    asyncio.run(scenario())
