@@ -24,12 +24,13 @@ acknowledged, and a failed delivery ends the process before any commit.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 import orjson
@@ -56,7 +57,7 @@ from streams import metrics
 from streams.codec import Codecs, dead_letter_record, priced_to_record
 from streams.control import RepriceMessage, control_from_record, repriced
 from streams.delivery import DeliveryGuard
-from streams.diagnostics import consumer_state
+from streams.diagnostics import consumer_state, partition_states
 from streams.fastpath import deliver_directly
 from streams.kafka_config import faust_broker_config
 from streams.members import (
@@ -98,6 +99,15 @@ def worker_datadir(settings: Settings) -> Path:
     the directory and they never share a RocksDB path.
     """
     return settings.data_path / "worker" / f"{settings.app_id}-{settings.web_port}"
+
+
+def exit_for_restart(message: str, *args: Any, exc_info: bool = False) -> NoReturn:
+    """Log ``message`` (``%`` args) as CRITICAL and end the process at once with
+    :data:`EXIT_BUG`: nothing is acknowledged or committed after it, so the supervisor's
+    restart resumes from the last commit."""
+    log.critical(message, *args, exc_info=exc_info)
+    logging.shutdown()
+    os._exit(EXIT_BUG)
 
 
 class QuietMonitor(Monitor):
@@ -198,6 +208,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     # One agent reads both: an org's usage and control messages share a partition number and
     # therefore one worker and one set of table partitions.
     source_topics = app.topic(usage_name, control_name, partitions=partitions, **raw)
+    source_names = frozenset((usage_name, control_name))
 
     tables = {
         name: app.Table(
@@ -456,9 +467,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     # Where each source partition without a committed offset starts (its log start offset).
     start_offsets: dict[Any, int] = {}
     assigned_at = [0.0]  # when the last assignment began (table recovery time)
-    app.metering_consumer_state = lambda: consumer_state(
-        app, (usage_name, control_name), next_offsets
-    )
+    app.metering_consumer_state = lambda: consumer_state(app, source_names, next_offsets)
 
     # A rebalance ends what this worker knew of its partitions: cached policies, expected
     # offsets, and which partitions its buffered state may be written for.
@@ -477,7 +486,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
     async def on_assigned(_: Any, assigned: Any = (), **__: Any) -> None:
         assigned_at[0] = time.monotonic()
         next_offsets.clear()
-        owned = {tp.partition for tp in assigned if tp.topic in (usage_name, control_name)}
+        owned = {tp.partition for tp in assigned if tp.topic in source_names}
         for state in states:
             state.assigned(owned)
         store.forget()  # after the states dropped what they held for other partitions
@@ -509,7 +518,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
                 fresh = [
                     tp
                     for tp, offset in committed.items()
-                    if tp.topic in (usage_name, control_name) and not (offset and offset > 0)
+                    if tp.topic in source_names and not (offset and offset > 0)
                 ]
                 if fresh:
                     beginnings = await consumer.earliest_offsets(*fresh)
@@ -524,11 +533,10 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
 
     # Source partitions of an assignment, held paused until they are seeked (see
     # hold_sources_until_seeked); the generation whose seek released them; and a clock that
-    # ticks when a hold begins, so that only a seek begun after it releases it.
+    # ticks when sources are held, so that only a seek begun after the last tick releases.
     held: set[Any] = set()
     seeked_generation = [-1]
     hold_clock = [0]
-    held_at = [0]
     held_since = [0.0]  # when the current hold began (time.monotonic)
 
     def hold_sources_until_seeked(consumer: Any) -> None:
@@ -553,12 +561,11 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         def resume_when_seeked(tps: Any) -> None:
             tps = set(tps)
             if seeked_generation[0] != app.consumer_generation_id:
-                sources = {tp for tp in tps if tp.topic in (usage_name, control_name)}
+                sources = {tp for tp in tps if tp.topic in source_names}
                 if sources:
                     if not held:
                         held_since[0] = time.monotonic()
                     hold_clock[0] += 1
-                    held_at[0] = hold_clock[0]
                     held.update(sources)
                     tps -= sources
             if tps:
@@ -574,9 +581,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         assigned_by_faust = consumer.on_partitions_assigned
 
         async def assigned_paused(assigned: Any, generation_id: int = 0) -> None:
-            consumer._paused_partitions.update(
-                tp for tp in assigned if tp.topic in (usage_name, control_name)
-            )
+            consumer._paused_partitions.update(tp for tp in assigned if tp.topic in source_names)
             await assigned_by_faust(assigned, generation_id)
 
         consumer.on_partitions_assigned = assigned_paused
@@ -586,7 +591,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         held if the seek began after the hold did (an earlier seek, from Faust's fetch loop
         say, may have read offsets older than the records about to be processed), unless a
         new rebalance began meanwhile (its own seek releases its partitions)."""
-        if generation != app.consumer_generation_id or not held or started < held_at[0]:
+        if generation != app.consumer_generation_id or not held or started < hold_clock[0]:
             return
         seeked_generation[0] = generation
         consumer.metering_resume_partitions(set(held))
@@ -628,7 +633,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         watchdog (:func:`check_commits_progress`)."""
         consumer = app.consumer
         for tp in consumer.assignment():
-            if tp.topic not in (usage_name, control_name):
+            if tp.topic not in source_names:
                 continue
             position = next_offsets.get(tp)
             if position is None:
@@ -657,14 +662,12 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         """
         if held and now - held_since[0] >= COMMIT_STALL_SECONDS:
             # A hold lasts one seek (milliseconds); this one's seek never finished.
-            log.critical(
+            exit_for_restart(
                 "source partitions %s are still waiting for their seek after %.0f s; "
                 "exiting so that a restart assigns them again",
                 sorted(f"{tp.topic}[{tp.partition}]" for tp in held),
                 now - held_since[0],
             )
-            logging.shutdown()
-            os._exit(EXIT_BUG)
         for tp, processed in list(next_offsets.items()):
             committed = consumer._committed_offset.get(tp)
             if committed is not None and processed <= committed:
@@ -674,7 +677,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             if mark is None or (committed is not None and committed >= mark[0]):
                 uncommitted_since[tp] = (processed, now)  # must be committed in time
             elif now - mark[1] >= COMMIT_STALL_SECONDS:
-                log.critical(
+                exit_for_restart(
                     "%s[%d]: records up to offset %d were processed %.0f s ago but the "
                     "committed offset is still %s; exiting so that a restart resumes from it. "
                     "Consumer state: %s",
@@ -683,10 +686,8 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
                     mark[0] - 1,
                     now - mark[1],
                     committed,
-                    orjson.dumps(app.metering_consumer_state()["partitions"], default=str).decode(),
+                    json.dumps(partition_states(consumer, source_names, next_offsets), default=str),
                 )
-                logging.shutdown()
-                os._exit(EXIT_BUG)
 
     def check_contiguous(message: Any) -> None:
         tp = message.tp
@@ -696,7 +697,7 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             if expected is None:
                 expected = start_offsets.get(tp)
         if expected is not None and message.offset > expected:
-            log.critical(
+            exit_for_restart(
                 "records %s[%d]@%d..%d were skipped before they were processed; exiting "
                 "without committing so they are processed after the restart",
                 message.topic,
@@ -704,8 +705,6 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
                 expected,
                 message.offset - 1,
             )
-            logging.shutdown()
-            os._exit(EXIT_BUG)
         next_offsets[tp] = message.offset + 1
 
     def process(message: Any) -> None:
@@ -715,22 +714,20 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
             check_contiguous(message)
             handle(message)
         except Exception:
-            log.critical(
+            exit_for_restart(
                 "unexpected failure on %s[%d]@%d; exiting so the event is retried",
                 message.topic,
                 message.partition,
                 message.offset,
                 exc_info=True,
             )
-            logging.shutdown()
-            os._exit(EXIT_BUG)
 
     def direct_delivery(consumer: Any) -> None:
         """Source records go from the fetcher straight to :func:`process`
         (:mod:`streams.fastpath`), skipping Faust's per-record hand-off to the agent."""
         deliver_directly(
             consumer,
-            (usage_name, control_name),
+            source_names,
             process,
             lambda: output.needs_drain,
             output.drain,

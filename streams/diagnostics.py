@@ -27,7 +27,7 @@ def consumer_state(
         "flow_control_active": _read(lambda: app.flow_control.is_active()),
         "recovery_completed": _read(lambda: app.tables.recovery.completed.is_set()),
         "fetcher": _read(lambda: _service(app._fetcher)),
-        "partitions": _read(lambda: _partitions(consumer, source_topics, next_offsets)),
+        "partitions": _read(lambda: partition_states(consumer, source_topics, next_offsets)),
         "aiokafka": _read(lambda: _aiokafka(consumer, source_topics)),
         "tasks": _read(tasks),
         "consumer_thread_tasks": _read(lambda: tasks(consumer._thread.thread_loop)),
@@ -60,9 +60,11 @@ def _service(service: Any) -> dict[str, Any]:
     }
 
 
-def _partitions(
+def partition_states(
     consumer: Any, source_topics: Collection[str], next_offsets: Mapping[Any, int]
 ) -> list[dict[str, Any]]:
+    """Each source partition of the assignment as Faust sees it: active or paused, read,
+    committed and next offsets, acknowledgements pending, gaps, highwater."""
     active = consumer._active_partitions or set()
     rows = []
     for tp in sorted(consumer.assignment()):
