@@ -398,6 +398,24 @@ def effective_cap(policy: OrgPolicy, member: Member) -> tuple[int | None, LimitS
     return cap, source
 
 
+def _org_unlimited(policy: OrgPolicy) -> bool:
+    """True when :func:`org_block` cannot block the ORG scope, whatever the spend: no cap,
+    not disabled, no exhausted Team balance. Lets usage skip the spend lookup."""
+    return (
+        policy.org_cap_nano is None
+        and not policy.disabled
+        and not (policy.balance_tracked and policy.balance_nano <= 0)
+    )
+
+
+def _user_unlimited(policy: OrgPolicy, member: Member) -> bool:
+    """True when :func:`user_block` cannot block the member, whatever the spend: not
+    disabled and no effective cap (:func:`effective_cap` is None)."""
+    if member.disabled or member.cap_nano is not None:
+        return False
+    return member.tier is None or policy.is_team or policy.tier_caps_nano.get(member.tier) is None
+
+
 def user_block(policy: OrgPolicy, user_id: str, member: Member, spend: SpendLookup) -> Block:
     """A member's USER scope condition."""
     user_spend = spend(policy.period, user_id) if policy.period else 0
@@ -718,6 +736,8 @@ class Enforcer:
     def _reevaluate_org(
         self, policy: OrgPolicy, spend: SpendLookup, trigger: Trigger, emitter: _Emitter
     ) -> None:
+        if not policy.paused and _org_unlimited(policy):
+            return  # nothing can block it, and it is not paused: no transition
         block = org_block(policy, spend)
         if block.blocked != policy.paused:
             policy.paused = block.blocked
@@ -732,6 +752,8 @@ class Enforcer:
         trigger: Trigger,
         emitter: _Emitter,
     ) -> None:
+        if not member.paused and _user_unlimited(policy, member):
+            return  # nothing can block it, and it is not paused: no transition
         block = user_block(policy, user_id, member, spend)
         if block.blocked == member.paused:
             return
