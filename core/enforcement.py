@@ -285,6 +285,10 @@ class OrgPolicy:
     # True between a replay's first and final correction message for this org: a transition
     # that usage causes meanwhile is reported as REPRICED (the totals are being corrected).
     repricing: bool = False
+    # True once the org has had a top-up or extra spend: its balance blocks from then on,
+    # even if a replay corrects every extra cost back to zero (SPEC: "after the org's first
+    # top-up or extra spend").
+    balance_started: bool = False
 
     # -- serialisation (compact JSON for the Faust table) ----------------------------------
 
@@ -306,6 +310,7 @@ class OrgPolicy:
             "offsets": self.offsets,
             "outbox": self.outbox,
             **({"repricing": True} if self.repricing else {}),
+            **({"balance_started": True} if self.balance_started else {}),
         }
         if include_members:
             data["members"] = {user: m.to_list() for user, m in self.members.items()}
@@ -332,6 +337,7 @@ class OrgPolicy:
             offsets=dict(data.get("offsets") or {}),
             outbox=list(data.get("outbox") or []),
             repricing=bool(data.get("repricing")),
+            balance_started=bool(data.get("balance_started")),
         )
 
     # -- derived values --------------------------------------------------------------------
@@ -348,7 +354,9 @@ class OrgPolicy:
     @property
     def balance_tracked(self) -> bool:
         """The balance blocks only for Team orgs, after the first top-up or extra spend."""
-        return self.is_team and (self.topups_nano > 0 or self.extra_total_nano > 0)
+        return self.is_team and (
+            self.balance_started or self.topups_nano > 0 or self.extra_total_nano > 0
+        )
 
 
 SpendLookup = Callable[[str, str | None], int]
@@ -666,8 +674,14 @@ class Enforcer:
                 DeadLetterReason.INVALID_FIELD,
                 "auto-reload needs a threshold >= 0 and an amount > 0",
             )
+        # Enabling arms the reload (SPEC: "enabling it while already at or below" emits one).
+        # A new setting of a reload already on is no new dip: it arms only above the new
+        # threshold, so a re-sent command (a CLI retry has a new message id) never asks
+        # billing twice for one dip, while raising the threshold over the balance asks once.
+        enabling = policy.reload is None
         policy.reload = (threshold, amount)
-        policy.reload_armed = True
+        if enabling or policy.balance_nano > threshold:
+            policy.reload_armed = True
         self._maybe_reload(policy, emitter)
 
     def _tick(
@@ -686,6 +700,7 @@ class Enforcer:
     ) -> None:
         delta = command.extra_delta_nano
         if delta and policy.is_team:
+            policy.balance_started = policy.balance_tracked  # a correction to 0 keeps it
             policy.extra_total_nano += delta
             if delta > 0:
                 self._maybe_reload(policy, emitter)

@@ -18,7 +18,9 @@ must be PAUSED, and with which limit. Checked after every input:
     and changes no state — for a random earlier input during the run, and for a whole suffix
     of the run at the end.
 Also: reasons name the trigger, limit fields follow the SPEC's precedence, and RELOAD_REQUESTED
-is emitted once per downward crossing of the threshold (or on enabling at or below it).
+is emitted once per downward crossing of the threshold (or on enabling at or below it, or
+when a new threshold of a reload already on passes the balance), never twice for one dip
+because the setting was sent again.
 """
 
 from __future__ import annotations
@@ -195,6 +197,9 @@ class Model:
     topups: int = 0
     team_extra: int = 0  # cumulative extra cost of a Team org, every month, late ones too
     reload: tuple[int, int] | None = None
+    # A RELOAD_REQUESTED was sent and the balance has not been above the threshold since:
+    # re-sending the setting must not ask again for the same dip.
+    reload_pending: bool = False
     # extra cost per (YYYY-MM, user), and per (YYYY-MM, None) for the whole org
     totals: dict[tuple[str, str | None], int] = field(default_factory=dict)
 
@@ -350,6 +355,8 @@ class Run:
 
         threshold = model.reload[0] if model.reload else None
         crossing = threshold is not None and balance_before > threshold >= model.balance
+        if crossing:
+            model.reload_pending = True
         self.check_reloads(step.events, 1 if crossing else 0)
         if late:
             # (c) late events never pause or resume anyone
@@ -421,14 +428,21 @@ class Run:
             if command.purchase_id not in model.purchases:
                 model.purchases.add(command.purchase_id)
                 model.topups += command.amount_nano
+                if model.reload is not None and model.balance > model.reload[0]:
+                    model.reload_pending = False
                 scopes, org_concerned = {ORG}, True
                 resume = {"BALANCE_TOPPED_UP"}
         elif isinstance(command, SetAutoReload):
+            enabling = model.reload is None
             model.reload = (
                 (command.threshold_nano or 0, command.amount_nano or 0) if command.enabled else None
             )
-            if model.reload is not None and model.balance <= model.reload[0]:
-                reloads = 1
+            if model.reload is not None:
+                if enabling or model.balance > model.reload[0]:
+                    model.reload_pending = False
+                if model.balance <= model.reload[0] and not model.reload_pending:
+                    reloads = 1  # enabling at or below, or a raised threshold over the balance
+                    model.reload_pending = True
         elif isinstance(command, PeriodTick):
             wall_month = month_at(command.wall_clock_ms - GRACE_MS)
             if self.period_timer and model.period is not None and wall_month > model.period:

@@ -256,6 +256,24 @@ def test_a_team_balance_follows_the_corrected_extra_cost() -> None:
     assert [(e.action, e.reason) for e in step.events] == [(Action.PAUSE, Reason.REPRICED)]
 
 
+def test_a_team_balance_corrected_to_zero_extra_cost_still_blocks() -> None:
+    """SPEC: the balance blocks "after the org's first top-up or extra spend": a replay that
+    corrects every extra cost of an org without top-ups to zero leaves it at a zero balance,
+    still exhausted, and the policy remembers that across a store round trip."""
+    enforcer = Enforcer()
+    policy = OrgPolicy(plan="TEAM", period="2026-11", extra_total_nano=400, paused=True)
+    step = enforcer.on_control(
+        policy,
+        ControlMessage("m1", "org-a", 0, Repriced(-400, True)),
+        1,
+        lambda period, user: 0,
+        0,
+    )
+    assert policy.balance_nano == 0 and policy.paused and step.events == []
+    stored = OrgPolicy.from_json(policy.to_json())
+    assert stored.balance_tracked and stored.balance_nano == 0
+
+
 class RecordingDict(dict):
     """A dict that remembers every key written (the write-behind state's changelog)."""
 
