@@ -69,7 +69,7 @@ from streams.members import (
 )
 from streams.output import BatchedOutput
 from streams.restore import restore_tables
-from streams.state import TableState
+from streams.state import TableState, flush_outputs_first
 from streams.topics import (
     BILLING,
     CONTROL,
@@ -237,12 +237,21 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         period_timer=settings.period_timer == "on",
     )
 
+    flushing = asyncio.Lock()
+
     async def before_commit() -> None:
-        """Buffered state and queued outputs reach Kafka before any offset commit."""
-        for state in states:
-            state.flush()
-        store.flushed()
-        await output.drain()
+        """Buffered state and queued outputs reach Kafka before any offset commit, the
+        outputs first: the state is taken (``snapshot``), every output queued so far is sent
+        and acknowledged, and only then is the state stored and its changelog queued
+        (streams.state). One flush at a time (a commit and a revocation may both ask)."""
+        async with flushing:
+            try:
+                await flush_outputs_first(states, output, delivery.settle, store.flushed)
+            except Exception:
+                # The buffer may be half written: never process or commit past it.
+                exit_for_restart(
+                    "could not store the worker's state before a commit", exc_info=True
+                )
 
     delivery.before_flush(before_commit)
 

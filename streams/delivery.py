@@ -39,6 +39,8 @@ class DeliveryGuard:
         self._handed = 0  # ... of which handed to the Kafka client
         self._progress = asyncio.Event()
         self._before_flush: list[Callable[[], Awaitable[None]]] = []
+        # Set by install(): wait until every message produced so far is acknowledged.
+        self.settle: Callable[[], Awaitable[None]] = _not_installed
 
     @property
     def pending(self) -> int:
@@ -86,12 +88,11 @@ class DeliveryGuard:
                 self._handed += 1
                 self._progress.set()
 
-        async def flush() -> None:
-            """Wait for everything produced *before* this call; later sends are not waited
-            for, so a commit under sustained load is never starved (Faust's own flush loops
-            until its buffer is empty, which under load may be never)."""
-            for hook in self._before_flush:
-                await hook()
+        async def settle() -> None:
+            """Wait until everything produced *before* this call is acknowledged; later
+            sends are not waited for, so a commit under sustained load is never starved
+            (Faust's own flush loops until its buffer is empty, which under load may be
+            never). A failed delivery ends the process (:meth:`_settled`)."""
             target = self._enqueued
             waiting = list(self._pending)
             while self._handed < target:
@@ -103,6 +104,17 @@ class DeliveryGuard:
             if waiting:
                 await asyncio.wait(waiting)
 
+        async def flush() -> None:
+            """Run the hooks, then :func:`settle`."""
+            for hook in self._before_flush:
+                await hook()
+            await settle()
+
+        self.settle = settle
         producer.send_soon = send_soon
         buffer._send_pending = send_pending
         producer.flush = flush
+
+
+async def _not_installed() -> None:
+    raise RuntimeError("DeliveryGuard.install(app) was not called")

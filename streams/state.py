@@ -19,12 +19,19 @@ which wrote it (Faust computes the offsets to commit, then flushes the producer,
 commits). A crash loses the overlay and the uncommitted offsets together, so the events are
 processed again from the last commit; values written to RocksDB but not to the changelog are
 repaired by the offsets the values carry (:mod:`core.metering`).
+
+A flush has two phases so that state is never stored before the outputs of the events that
+made it: :meth:`snapshot` takes the buffer (reads still see it), the worker then waits until
+every output queued so far is acknowledged (priced events, PAUSE / RESUME, reload requests),
+and only then :meth:`write_snapshot` stores it. A stored policy says which inputs it has
+applied, and a re-delivered input it has applied re-sends only what its small outbox kept:
+were the policy stored first, a crash before the acknowledgements could lose a PAUSE.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import rocksdict
@@ -54,6 +61,9 @@ class TableState(Generic[V]):
         self.decode = decode
         self.order = order
         self._dirty: dict[str, tuple[int, V]] = {}
+        # The snapshot between the two phases of a flush (key -> partition, value, bytes),
+        # in write order; reads see it under the write buffer.
+        self._flushing: dict[str, tuple[int, V, bytes]] = {}
         self._registered: set[int] = set()
         self.keys_flushed = 0
         # Partitions this worker actively owns (None: all, for tests without a consumer).
@@ -73,6 +83,10 @@ class TableState(Generic[V]):
         hit = self._dirty.get(key)
         if hit is not None:
             return hit[1]
+        if self._flushing:
+            flushing = self._flushing.get(key)
+            if flushing is not None:
+                return flushing[1]
         raw = self.table.data._db_for_partition(partition).get(key.encode())
         return None if raw is None else self.decode(raw)
 
@@ -80,6 +94,8 @@ class TableState(Generic[V]):
         """Like :meth:`get`, for readers outside the agent (web pages): None when the
         partition's store is not open on this worker instead of opening it."""
         hit = self._dirty.get(key)
+        if hit is None and self._flushing:
+            hit = self._flushing.get(key)
         if hit is not None:
             return hit[1]
         db = self.table.data._dbs.get(partition)
@@ -100,16 +116,16 @@ class TableState(Generic[V]):
         month, a SEAT_TIER cap) and reports, not per event. ``peek`` as in :meth:`peek`.
         ``buffered``, when the caller knows them, are the only buffered keys that can match
         (otherwise the whole write buffer is searched)."""
-        candidates = (
-            self._dirty.items()
-            if buffered is None
-            else ((key, self._dirty[key]) for key in buffered if key in self._dirty)
-        )
-        dirty = {
-            key: value
-            for key, (part, value) in candidates
-            if part == partition and key.startswith(prefix)
-        }
+        dirty: dict[str, V] = {}
+        for layer in (self._flushing, self._dirty):  # the write buffer wins
+            candidates = (
+                layer.items()
+                if buffered is None
+                else ((key, layer[key]) for key in buffered if key in layer)
+            )
+            for key, hit in candidates:
+                if hit[0] == partition and key.startswith(prefix):
+                    dirty[key] = hit[1]
         db = (
             self.table.data._dbs.get(partition)
             if peek
@@ -124,10 +140,8 @@ class TableState(Generic[V]):
                 if not raw_key.startswith(raw_prefix):
                     break
                 key = raw_key.decode()
-                hit = self._dirty.get(key)
-                dirty.pop(key, None)
-                if hit is not None and hit[0] == partition:
-                    yield key, hit[1]
+                if key in dirty:
+                    yield key, dirty.pop(key)
                 else:
                     yield key, self.decode(iterator.value())
                 iterator.next()
@@ -135,7 +149,7 @@ class TableState(Generic[V]):
 
     def buffered(self, key: str) -> bool:
         """True while ``key`` has a value not yet flushed."""
-        return key in self._dirty
+        return key in self._dirty or key in self._flushing
 
     def put(self, key: str, partition: int, value: V) -> None:
         """Set ``key`` (stored on ``partition``); durable after the next :meth:`flush`."""
@@ -146,11 +160,20 @@ class TableState(Generic[V]):
         return PartitionView(self)
 
     def flush(self) -> int:
-        """Write every changed key of an owned partition to its RocksDB store and queue it
-        on the changelog; keys of partitions this worker does not own right now (between a
-        revocation and the next assignment) stay in the overlay: writing them could overwrite
-        the new owner's changelog. Synchronous, so no event is processed half-way through.
-        Returns the keys written."""
+        """:meth:`snapshot` then :meth:`write_snapshot` at once; returns the keys written."""
+        self.snapshot()
+        return self.write_snapshot()
+
+    def snapshot(self) -> int:
+        """Phase one of a flush: take every changed key of an owned partition out of the
+        write buffer and encode it (keys of partitions this worker does not own right now,
+        between a revocation and the next assignment, stay buffered: writing them could
+        overwrite the new owner's changelog). Reads see the snapshot until
+        :meth:`write_snapshot` writes it or :meth:`abandon_snapshot` puts it back; writes go
+        to a fresh buffer. Synchronous, so no event is processed half-way through. Returns
+        the keys taken."""
+        if self._flushing:
+            raise RuntimeError("a snapshot is already being flushed (flushes must not overlap)")
         if not self._dirty:
             return 0
         owned = self.owned
@@ -163,11 +186,28 @@ class TableState(Generic[V]):
         if self.order is not None:
             order = self.order
             items.sort(key=lambda item: order(item[1][1]))
+        encode = self.encode
+        self._flushing = {
+            key: (partition, value, encode(value)) for key, (partition, value) in items
+        }
+        return len(self._flushing)
+
+    def write_snapshot(self) -> int:
+        """Phase two: write the snapshot to the RocksDB stores (one write batch per
+        partition) and queue it on the changelog, in snapshot order. Keys of a partition
+        revoked since :meth:`snapshot` go back to the write buffer (unless written again
+        meanwhile). Returns the keys written."""
+        flushing, self._flushing = self._flushing, {}
+        owned = self.owned
         by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
-        for key, (partition, value) in items:
-            by_partition[partition].append((key.encode(), self.encode(value)))
+        for key, (partition, value, raw) in flushing.items():
+            if owned is not None and partition not in owned:
+                self._dirty.setdefault(key, (partition, value))
+                continue
+            by_partition[partition].append((key.encode(), raw))
         store = self.table.data
         topic = self.changelog
+        written = 0
         for partition, items in by_partition.items():
             batch = rocksdict.WriteBatch(raw_mode=True)
             for key_bytes, value_bytes in items:
@@ -178,14 +218,23 @@ class TableState(Generic[V]):
                 self._registered.add(partition)
             for key_bytes, value_bytes in items:
                 self.output.add(topic, partition, key_bytes, value_bytes)
-        self.keys_flushed += len(dirty)
-        return len(dirty)
+            written += len(items)
+        self.keys_flushed += written
+        return written
+
+    def abandon_snapshot(self) -> None:
+        """Put an unwritten snapshot back into the write buffer (a flush cancelled between
+        its phases); values written since win."""
+        flushing, self._flushing = self._flushing, {}
+        for key, (partition, value, _) in flushing.items():
+            self._dirty.setdefault(key, (partition, value))
 
     def assigned(self, partitions: set[int]) -> None:
         """A new assignment: own ``partitions``; forget buffered keys of any other partition
         (their events were not committed here and will be processed by the new owner)."""
         self.owned = set(partitions)
         self._dirty = {k: v for k, v in self._dirty.items() if v[0] in partitions}
+        self._flushing = {k: v for k, v in self._flushing.items() if v[0] in partitions}
 
     def revoked(self) -> None:
         """A revocation finished (its flush included): own nothing until the next assignment."""
@@ -200,6 +249,33 @@ class TableState(Generic[V]):
         owned = self.owned
         if partition in store._dbs and (owned is None or partition in owned):
             store.set_persisted_offset(TP(topic, partition), last_offset)
+
+
+async def flush_outputs_first(
+    states: Sequence[TableState[Any]],
+    output: BatchedOutput,
+    settle: Callable[[], Awaitable[None]],
+    written: Callable[[], None] = lambda: None,
+) -> None:
+    """One flush of ``states``, outputs first: snapshot every state, send every queued
+    output and wait (``settle``) until all of them are acknowledged, then store the
+    snapshots and queue their changelog writes (sent before returning; the caller's commit
+    waits for them). ``written`` runs right after the snapshots are stored. Cancelled
+    before they are, the snapshots go back to the write buffers. Flushes must not overlap:
+    the caller serialises them."""
+    for state in states:
+        state.snapshot()
+    try:
+        await output.drain()
+        await settle()
+    except BaseException:
+        for state in states:
+            state.abandon_snapshot()
+        raise
+    for state in states:
+        state.write_snapshot()
+    written()
+    await output.drain()
 
 
 class PartitionView(Generic[V]):

@@ -21,7 +21,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
 from streams.output import BatchedOutput
-from streams.state import TableState
+from streams.state import TableState, flush_outputs_first
 
 OFFSET_KEY = b"__faust\x00offset__"
 
@@ -286,5 +286,114 @@ def test_changelog_offset_is_not_remembered_for_a_partition_not_owned(table: Any
         producer.acknowledge_all()
         await asyncio.sleep(0)
         assert table.data._dbs[0].get(OFFSET_KEY) is None
+
+    run(scenario())
+
+
+def test_a_snapshot_is_read_but_not_stored_until_written(table: Any) -> None:
+    async def scenario() -> RecordingProducer:
+        producer, output, state = json_state(table)
+        state.put("org-a", 0, [1])
+        state.put("org-b", 0, [2])
+        assert state.snapshot() == 2 and state.dirty == 0
+        assert state.get("org-a", 0) == [1] and state.buffered("org-a")
+        assert dict(state.scan("org-", 0)) == {"org-a": [1], "org-b": [2]}
+        state.put("org-a", 0, [10])  # an event processed while the flush waits
+        assert state.get("org-a", 0) == [10]
+        assert dict(state.scan("org-", 0)) == {"org-a": [10], "org-b": [2]}
+        assert table.data._db_for_partition(0).get(b"org-a") is None  # nothing stored yet
+        assert state.write_snapshot() == 2
+        assert table.data._dbs[0].get(b"org-a") == b"[1]"  # the snapshot's value
+        assert state.get("org-a", 0) == [10]  # the newer one still wins
+        assert state.flush() == 1
+        await output.drain()
+        return producer
+
+    producer = run(scenario())
+    assert producer.messages("app-totals-changelog", 0) == [
+        (b"org-a", b"[1]"),
+        (b"org-b", b"[2]"),
+        (b"org-a", b"[10]"),
+    ]
+    assert table.data._dbs[0].get(b"org-a") == b"[10]"
+
+
+def test_a_snapshot_abandoned_or_revoked_goes_back_to_the_buffer(table: Any) -> None:
+    _, _, state = json_state(table)
+    state.assigned({0, 1})
+    state.put("a", 0, [1])
+    state.put("b", 1, [1])
+    state.snapshot()
+    state.put("a", 0, [2])
+    state.abandon_snapshot()  # a cancelled flush: the newer value stays
+    assert state.dirty == 2 and state.get("a", 0) == [2] and state.get("b", 1) == [1]
+    state.snapshot()
+    state.revoked()  # the partitions left while the flush waited
+    assert state.write_snapshot() == 0 and state.dirty == 2
+    state.assigned({0})
+    assert state.flush() == 1 and table.data._dbs[0].get(b"a") == b"[2]"
+    assert 1 not in table.data._dbs  # partition 1's key was forgotten, never written
+
+
+def test_state_is_stored_only_after_the_outputs_before_it_are_acknowledged(
+    table: Any,
+) -> None:
+    """A stored policy says its inputs were applied: were it stored before their PAUSE
+    events were acknowledged, a crash in between could lose those events for good."""
+
+    async def scenario() -> RecordingProducer:
+        producer = RecordingProducer()
+        tracked: list[asyncio.Future[Any]] = []
+        output = BatchedOutput(lambda: producer, tracked.append)
+        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
+
+        async def settle() -> None:
+            waiting = list(tracked)
+            if waiting:
+                await asyncio.wait(waiting)
+
+        output.add("pauses", 0, b"org-a", b"PAUSE")  # an input's output...
+        state.put("org-a", 0, [1])  # ... and the state it left
+        written: list[bool] = []
+        flush = asyncio.create_task(
+            flush_outputs_first([state], output, settle, lambda: written.append(True))
+        )
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert producer.messages("pauses", 0) == [(b"org-a", b"PAUSE")]  # sent
+        assert not flush.done() and not written
+        assert table.data._dbs.get(0) is None  # not stored: PAUSE not acknowledged
+        assert state.get("org-a", 0) == [1]
+        producer.acknowledge_all()
+        await flush
+        assert written and table.data._dbs[0].get(b"org-a") == b"[1]"
+        assert producer.messages("app-totals-changelog", 0) == [(b"org-a", b"[1]")]
+        return producer
+
+    run(scenario())
+
+
+def test_a_flush_cancelled_while_waiting_keeps_its_snapshot_for_the_next(table: Any) -> None:
+    async def scenario() -> None:
+        producer = RecordingProducer()
+        tracked: list[asyncio.Future[Any]] = []
+        output = BatchedOutput(lambda: producer, tracked.append)
+        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
+
+        async def settle() -> None:
+            await asyncio.wait(list(tracked))
+
+        output.add("pauses", 0, b"org-a", b"PAUSE")
+        state.put("org-a", 0, [1])
+        flush = asyncio.create_task(flush_outputs_first([state], output, settle))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        assert state.dirty == 1 and table.data._dbs.get(0) is None
+        producer.acknowledge_all()
+        await flush_outputs_first([state], output, settle)
+        assert table.data._dbs[0].get(b"org-a") == b"[1]"
 
     run(scenario())
