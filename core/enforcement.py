@@ -39,6 +39,11 @@ from core.periods import month_of
 from core.usage import Plan, PricedEvent, SeatTier
 
 OUTBOX_SIZE = 16
+REPRICING_WINDOW_MS = 15 * 60 * 1000
+"""How long after an org's last non-final correction message usage transitions are still
+reported as ``REPRICED``: a replay that died before its final message must not label the
+org's transitions for ever (its re-run sends nothing for an org with nothing left to
+correct)."""
 USAGE_SOURCE = "usage"
 CONTROL_SOURCE = "control"
 
@@ -137,7 +142,8 @@ class Repriced:
     ``final`` marks the org's last correction message of the replay: only then is every scope
     re-decided, so a replay that moves spend both ways emits at most one transition per
     scope, with reason ``REPRICED``; a transition that usage causes between the org's first
-    and final message is reported as ``REPRICED`` too (``OrgPolicy.repricing``). Late months
+    and final message is reported as ``REPRICED`` too (``OrgPolicy.repricing``; for at most
+    :data:`REPRICING_WINDOW_MS` after the last message, should the final never come). Late months
     count for the balance only, as late usage.
     """
 
@@ -285,6 +291,7 @@ class OrgPolicy:
     # True between a replay's first and final correction message for this org: a transition
     # that usage causes meanwhile is reported as REPRICED (the totals are being corrected).
     repricing: bool = False
+    repriced_at_ms: int = 0  # wall clock of the last non-final correction message
     # True once the org has had a top-up or extra spend: its balance blocks from then on,
     # even if a replay corrects every extra cost back to zero (SPEC: "after the org's first
     # top-up or extra spend").
@@ -309,7 +316,7 @@ class OrgPolicy:
             "paused": self.paused,
             "offsets": self.offsets,
             "outbox": self.outbox,
-            **({"repricing": True} if self.repricing else {}),
+            **({"repricing": True, "repriced_at": self.repriced_at_ms} if self.repricing else {}),
             **({"balance_started": True} if self.balance_started else {}),
         }
         if include_members:
@@ -337,6 +344,7 @@ class OrgPolicy:
             offsets=dict(data.get("offsets") or {}),
             outbox=list(data.get("outbox") or []),
             repricing=bool(data.get("repricing")),
+            repriced_at_ms=data.get("repriced_at", 0),
             balance_started=bool(data.get("balance_started")),
         )
 
@@ -558,7 +566,8 @@ class Enforcer:
             member.tier = event.seat_tier.value  # a tier change carried by usage: re-decided
             emitter.touched[event.user_id] = member
         self._spend_balance(policy, extra, emitter)
-        trigger = Trigger.REPRICE if policy.repricing else Trigger.USAGE
+        repricing = policy.repricing and now_ms - policy.repriced_at_ms <= REPRICING_WINDOW_MS
+        trigger = Trigger.REPRICE if repricing else Trigger.USAGE
         self._reevaluate_org(policy, spend, trigger, emitter)
         self._reevaluate_user(policy, event.user_id, member, spend, trigger, emitter)
         return self._done(policy, USAGE_SOURCE, offset, emitter, changed)
@@ -590,7 +599,7 @@ class Enforcer:
         elif isinstance(command, PeriodTick):
             self._tick(policy, command, spend, emitter)
         elif isinstance(command, Repriced):
-            self._repriced(policy, command, spend, emitter)
+            self._repriced(policy, command, spend, emitter, now_ms)
         return self._done(policy, CONTROL_SOURCE, offset, emitter)
 
     # -- commands --------------------------------------------------------------------------
@@ -696,7 +705,12 @@ class Enforcer:
             self._reevaluate_all(policy, spend, Trigger.PERIOD, emitter)
 
     def _repriced(
-        self, policy: OrgPolicy, command: Repriced, spend: SpendLookup, emitter: _Emitter
+        self,
+        policy: OrgPolicy,
+        command: Repriced,
+        spend: SpendLookup,
+        emitter: _Emitter,
+        now_ms: int,
     ) -> None:
         delta = command.extra_delta_nano
         if delta and policy.is_team:
@@ -707,6 +721,7 @@ class Enforcer:
             elif policy.reload is not None and policy.balance_nano > policy.reload[0]:
                 policy.reload_armed = True  # back above the threshold: the next crossing counts
         policy.repricing = not command.final
+        policy.repriced_at_ms = 0 if command.final else now_ms
         if command.final and policy.period is not None:
             self._reevaluate_all(policy, spend, Trigger.REPRICE, emitter)
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from core.enforcement import (
+    REPRICING_WINDOW_MS,
     Action,
     ControlMessage,
     Enforcer,
@@ -254,6 +255,34 @@ def test_a_team_balance_follows_the_corrected_extra_cost() -> None:
     )
     assert policy.balance_nano == -50
     assert [(e.action, e.reason) for e in step.events] == [(Action.PAUSE, Reason.REPRICED)]
+
+
+def test_a_replay_that_never_sent_its_final_message_stops_labelling_usage() -> None:
+    """A replay that died after an org's first correction message leaves the org marked as
+    being repriced; its usage transitions are its own again after REPRICING_WINDOW_MS."""
+    enforcer = Enforcer()
+    policy = OrgPolicy(plan="ENTERPRISE", period="2026-11")
+    spend = {"value": 700}
+
+    def lookup(period: str | None, user: str | None) -> int:
+        return spend["value"] if user is None else 0
+
+    enforcer.on_control(
+        policy, ControlMessage("m1", "org-a", 0, SetCap("ORG", 1_000)), 1, lookup, 0
+    )
+    enforcer.on_control(
+        policy, ControlMessage("m2", "org-a", 0, Repriced(100, False)), 2, lookup, 1_000
+    )
+    stored = OrgPolicy.from_json(policy.to_json())
+    assert stored.repricing and stored.repriced_at_ms == 1_000
+    event = replace(events(40)[0][0], org_id="org-a", plan=Plan.ENTERPRISE)
+    event = replace(event, occurred_at_ms=iso_to_ms("2026-11-20T00:00:00Z"))
+    usage = PricedEvent(event, NEW.price(event.model, event.usage, event.occurred_at_ms))
+    spend["value"] = 1_200  # this usage crosses the cap, long after the replay died
+    step = enforcer.on_usage(stored, usage, 10, lookup, 1_000 + REPRICING_WINDOW_MS + 1)
+    assert [(e.action, e.reason) for e in step.events if e.scope.value == "ORG"] == [
+        (Action.PAUSE, Reason.CAP_REACHED)
+    ]
 
 
 def test_a_team_balance_corrected_to_zero_extra_cost_still_blocks() -> None:
