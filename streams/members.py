@@ -246,9 +246,18 @@ class PolicyStore:
 
     def flushed(self) -> None:
         """After a flush: journals of policies written are done with (a policy held back,
-        for a partition not owned right now, keeps its journal)."""
-        for org_id in [o for o in self._journals if not self.policies.buffered(policy_key(o))]:
-            del self._journals[org_id]
+        for a partition not owned right now, keeps its journal). A policy buffered again
+        while the flush waited for its outputs (streams.state) keeps in its journal only
+        the members buffered since: the others were just stored, and their changelog
+        writes precede the policy's next one on the same partition."""
+        for org_id, journal in list(self._journals.items()):
+            if not self.policies.buffered(policy_key(org_id)):
+                del self._journals[org_id]
+                continue
+            for user_id in [
+                u for u in journal if not self.policies.buffered(member_key(org_id, u))
+            ]:
+                del journal[user_id]
 
     def forget(self) -> None:
         """A rebalance: decoded policies may be stale once partitions move, and so may the

@@ -196,7 +196,9 @@ class TableState(Generic[V]):
         """Phase two: write the snapshot to the RocksDB stores (one write batch per
         partition) and queue it on the changelog, in snapshot order. Keys of a partition
         revoked since :meth:`snapshot` go back to the write buffer (unless written again
-        meanwhile). Returns the keys written."""
+        meanwhile): the worker's flush lock keeps a revocation from falling between the two
+        phases today, and this keeps a partition it does not own unwritten should that
+        change. Returns the keys written."""
         flushing, self._flushing = self._flushing, {}
         owned = self.owned
         by_partition: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)

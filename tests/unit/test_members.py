@@ -109,6 +109,17 @@ class Worker:
         asyncio.run(self.output.drain())
         return self.producer.messages(CHANGELOG, 0)[before:]
 
+    def commit_with_input_meanwhile(self, during: Any) -> None:
+        """Flush as the worker does, in two phases (streams.state.flush_outputs_first), with
+        ``during()`` (an input) processed while the flush waits for its outputs."""
+        self.policies.snapshot()
+        self.index.snapshot()
+        during()
+        self.policies.write_snapshot()
+        self.index.write_snapshot()
+        self.store.flushed()
+        asyncio.run(self.output.drain())
+
     def members(self, org: str) -> dict[str, Member]:
         return dict(self.store.load(org, 0).members.items())
 
@@ -163,6 +174,30 @@ def test_a_policy_does_not_grow_with_its_members(worker: Worker) -> None:
     assert isinstance(stored, StoredPolicy) and stored.policy.members == {}
     members = worker.members("org-big")
     assert len(members) == 30_000 and members[users[12_345]] == Member("STANDARD")
+
+
+def test_a_journal_does_not_grow_when_its_org_is_busy_during_every_flush(
+    worker: Worker,
+) -> None:
+    """An org with an input in every flush's wait keeps its policy buffered across the
+    flush: its journal must still drop the members that flush stored, or the policy value
+    grows with the membership again (review finding)."""
+    offset = 0
+    for _ in range(15):
+        for _ in range(200):  # 200 new members per commit
+            worker.use("org-busy", f"user-{offset}", "STANDARD", offset)
+            offset += 1
+        worker.commit_with_input_meanwhile(
+            lambda o=offset: worker.use("org-busy", f"user-{o}", "STANDARD", o)
+        )
+        offset += 1
+    worker.commit()
+    raw = worker.table.data._dbs[0].get(policy_key("org-busy").encode())
+    stored = decode_value(raw)
+    assert isinstance(stored, StoredPolicy) and len(stored.journal) <= 1
+    assert len(raw) < 10_000
+    members = worker.members("org-busy")
+    assert len(members) == offset and all(m == Member("STANDARD") for m in members.values())
 
 
 def test_a_tier_cap_reaches_stored_and_buffered_members(worker: Worker) -> None:

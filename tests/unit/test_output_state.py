@@ -397,3 +397,21 @@ def test_a_flush_cancelled_while_waiting_keeps_its_snapshot_for_the_next(table: 
         assert table.data._dbs[0].get(b"org-a") == b"[1]"
 
     run(scenario())
+
+
+def test_a_snapshot_stores_its_values_as_they_were_when_taken(table: Any) -> None:
+    """The worker changes cached values in place (an org's policy): what a flush stores
+    must be the value at the snapshot, not one that includes inputs processed during the
+    wait, whose outputs are not acknowledged yet."""
+    _, _, state = json_state(table)
+    value = [1]
+    state.put("policy", 0, value)
+    state.put("other", 0, [5])
+    state.snapshot()
+    value.append(2)  # an input processed during the wait changes the cached object
+    state.put("policy", 0, value)
+    assert state.peek("other", 0) == [5]  # web pages see the snapshot too
+    state.write_snapshot()
+    assert table.data._dbs[0].get(b"policy") == b"[1]"
+    state.flush()
+    assert table.data._dbs[0].get(b"policy") == b"[1,2]"
