@@ -39,6 +39,12 @@ EVENTS ?= 60000
 bench: $(STAMP) quix-venv
 	$(VENV)/bin/python -m benchmarks.run --events $(EVENTS)
 
+# The table above, then the memory (1M users), enforcement latency, replay and recovery
+# benchmarks (each on a broker of its own), all printed by one command.
+.PHONY: bench-all
+bench-all: $(STAMP) quix-venv
+	$(VENV)/bin/python -m benchmarks.run --events $(EVENTS) --all
+
 # The Quix Streams comparison app has its own venv (benchmarks/quix/README.md).
 .PHONY: quix-venv
 quix-venv:
