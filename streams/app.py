@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -108,6 +108,16 @@ def exit_for_restart(message: str, *args: Any, exc_info: bool = False) -> NoRetu
     log.critical(message, *args, exc_info=exc_info)
     logging.shutdown()
     os._exit(EXIT_BUG)
+
+
+async def store_or_exit(flush: Callable[[], Awaitable[None]]) -> None:
+    """Run the before-commit ``flush``; any failure but cancellation ends the process
+    (:func:`exit_for_restart`): the state buffer may be half written, so nothing may be
+    processed or committed past it (a graceful stop would commit later totals over it)."""
+    try:
+        await flush()
+    except Exception:
+        exit_for_restart("could not store the worker's state before a commit", exc_info=True)
 
 
 class QuietMonitor(Monitor):
@@ -245,13 +255,9 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
         and acknowledged, and only then is the state stored and its changelog queued
         (streams.state). One flush at a time (a commit and a revocation may both ask)."""
         async with flushing:
-            try:
-                await flush_outputs_first(states, output, delivery.settle, store.flushed)
-            except Exception:
-                # The buffer may be half written: never process or commit past it.
-                exit_for_restart(
-                    "could not store the worker's state before a commit", exc_info=True
-                )
+            await store_or_exit(
+                lambda: flush_outputs_first(states, output, delivery.settle, store.flushed)
+            )
 
     delivery.before_flush(before_commit)
 

@@ -11,6 +11,8 @@ batch is acknowledged.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -415,3 +417,28 @@ def test_a_snapshot_stores_its_values_as_they_were_when_taken(table: Any) -> Non
     assert table.data._dbs[0].get(b"policy") == b"[1]"
     state.flush()
     assert table.data._dbs[0].get(b"policy") == b"[1,2]"
+
+
+def test_a_failed_state_write_ends_the_worker_before_any_commit(tmp_path: Path) -> None:
+    """A flush that fails half-way (RocksDB refusing a write, say) must not let the worker
+    go on: a graceful stop would commit later totals over the lost ones. The commit hook
+    ends the process with status 70 instead (review finding)."""
+    script = (
+        "import asyncio, logging\n"
+        "from streams.app import store_or_exit\n"
+        "logging.basicConfig()\n"
+        "async def failing():\n"
+        "    raise OSError('No space left on device')\n"
+        "asyncio.run(store_or_exit(failing))\n"
+        "print('carried on')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 70, done.stderr[-2000:]
+    assert "carried on" not in done.stdout
+    assert "could not store the worker's state before a commit" in done.stderr
