@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +338,31 @@ def test_a_snapshot_abandoned_or_revoked_goes_back_to_the_buffer(table: Any) -> 
     assert 1 not in table.data._dbs  # partition 1's key was forgotten, never written
 
 
+def settle_all(producer: RecordingProducer) -> Callable[[], Awaitable[None]]:
+    """``DeliveryGuard.settle`` for the recording producer: wait for every batch sent."""
+
+    async def settle() -> None:
+        waiting = [future for _, _, _, future in producer.sent]
+        if waiting:
+            await asyncio.wait(waiting)
+
+    return settle
+
+
+async def flush_behind_a_pause(
+    table: Any, written: Callable[[], None] = lambda: None
+) -> tuple[RecordingProducer, TableState[list[int]], asyncio.Task[None]]:
+    """A PAUSE queued, the state its input left, and a flush started and now waiting for the
+    PAUSE's acknowledgement (nothing acknowledges it until the test says so)."""
+    producer, output, state = json_state(table)
+    output.add("pauses", 0, b"org-a", b"PAUSE")  # an input's output...
+    state.put("org-a", 0, [1])  # ... and the state it left
+    flush = asyncio.create_task(flush_outputs_first([state], output, settle_all(producer), written))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return producer, state, flush
+
+
 def test_state_is_stored_only_after_the_outputs_before_it_are_acknowledged(
     table: Any,
 ) -> None:
@@ -344,24 +370,8 @@ def test_state_is_stored_only_after_the_outputs_before_it_are_acknowledged(
     events were acknowledged, a crash in between could lose those events for good."""
 
     async def scenario() -> RecordingProducer:
-        producer = RecordingProducer()
-        tracked: list[asyncio.Future[Any]] = []
-        output = BatchedOutput(lambda: producer, tracked.append)
-        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
-
-        async def settle() -> None:
-            waiting = list(tracked)
-            if waiting:
-                await asyncio.wait(waiting)
-
-        output.add("pauses", 0, b"org-a", b"PAUSE")  # an input's output...
-        state.put("org-a", 0, [1])  # ... and the state it left
         written: list[bool] = []
-        flush = asyncio.create_task(
-            flush_outputs_first([state], output, settle, lambda: written.append(True))
-        )
-        for _ in range(5):
-            await asyncio.sleep(0)
+        producer, state, flush = await flush_behind_a_pause(table, lambda: written.append(True))
         assert producer.messages("pauses", 0) == [(b"org-a", b"PAUSE")]  # sent
         assert not flush.done() and not written
         assert table.data._dbs.get(0) is None  # not stored: PAUSE not acknowledged
@@ -377,25 +387,13 @@ def test_state_is_stored_only_after_the_outputs_before_it_are_acknowledged(
 
 def test_a_flush_cancelled_while_waiting_keeps_its_snapshot_for_the_next(table: Any) -> None:
     async def scenario() -> None:
-        producer = RecordingProducer()
-        tracked: list[asyncio.Future[Any]] = []
-        output = BatchedOutput(lambda: producer, tracked.append)
-        state: TableState[list[int]] = TableState(table, output, orjson.dumps, orjson.loads)
-
-        async def settle() -> None:
-            await asyncio.wait(list(tracked))
-
-        output.add("pauses", 0, b"org-a", b"PAUSE")
-        state.put("org-a", 0, [1])
-        flush = asyncio.create_task(flush_outputs_first([state], output, settle))
-        for _ in range(5):
-            await asyncio.sleep(0)
+        producer, state, flush = await flush_behind_a_pause(table)
         flush.cancel()
         with pytest.raises(asyncio.CancelledError):
             await flush
         assert state.dirty == 1 and table.data._dbs.get(0) is None
         producer.acknowledge_all()
-        await flush_outputs_first([state], output, settle)
+        await flush_outputs_first([state], state.output, settle_all(producer))
         assert table.data._dbs[0].get(b"org-a") == b"[1]"
 
     run(scenario())

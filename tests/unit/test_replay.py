@@ -257,6 +257,13 @@ def test_a_team_balance_follows_the_corrected_extra_cost() -> None:
     assert [(e.action, e.reason) for e in step.events] == [(Action.PAUSE, Reason.REPRICED)]
 
 
+def org_a_usage() -> PricedEvent:
+    """A usage event of the Enterprise org ``org-a`` in 2026-11, priced with the fix."""
+    event = replace(events(40)[0][0], org_id="org-a", plan=Plan.ENTERPRISE)
+    event = replace(event, occurred_at_ms=iso_to_ms("2026-11-20T00:00:00Z"))
+    return PricedEvent(event, NEW.price(event.model, event.usage, event.occurred_at_ms))
+
+
 def test_a_replay_that_never_sent_its_final_message_stops_labelling_usage() -> None:
     """A replay that died after an org's first correction message leaves the org marked as
     being repriced; its usage transitions are its own again after REPRICING_WINDOW_MS."""
@@ -275,9 +282,7 @@ def test_a_replay_that_never_sent_its_final_message_stops_labelling_usage() -> N
     )
     stored = OrgPolicy.from_json(policy.to_json())
     assert stored.repricing and stored.repriced_at_ms == 1_000
-    event = replace(events(40)[0][0], org_id="org-a", plan=Plan.ENTERPRISE)
-    event = replace(event, occurred_at_ms=iso_to_ms("2026-11-20T00:00:00Z"))
-    usage = PricedEvent(event, NEW.price(event.model, event.usage, event.occurred_at_ms))
+    usage = org_a_usage()
     spend["value"] = 1_200  # this usage crosses the cap, long after the replay died
     step = enforcer.on_usage(stored, usage, 10, lookup, 1_000 + REPRICING_WINDOW_MS + 1)
     assert [(e.action, e.reason) for e in step.events if e.scope.value == "ORG"] == [
@@ -351,9 +356,7 @@ def test_usage_between_an_orgs_correction_messages_reports_repriced() -> None:
     assert first.events == [] and policy.repricing
     assert OrgPolicy.from_json(policy.to_json()).repricing
     # Live usage in between: the resume it causes is the correction's doing.
-    event = replace(events(40)[0][0], org_id="org-a", plan=Plan.ENTERPRISE)
-    event = replace(event, occurred_at_ms=iso_to_ms("2026-11-20T00:00:00Z"))
-    usage = PricedEvent(event, NEW.price(event.model, event.usage, event.occurred_at_ms))
+    usage = org_a_usage()
     step = enforcer.on_usage(policy, usage, 10, lookup, 0)
     assert [(e.action, e.reason) for e in step.events if e.scope.value == "ORG"] == [
         (Action.RESUME, Reason.REPRICED)
