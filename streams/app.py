@@ -24,7 +24,6 @@ acknowledged, and a failed delivery ends the process before any commit.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -701,7 +700,9 @@ def create_app(settings: Settings | None = None) -> MeteringApp:
                     mark[0] - 1,
                     now - mark[1],
                     committed,
-                    json.dumps(partition_states(consumer, source_names, next_offsets), default=str),
+                    orjson.dumps(
+                        partition_states(consumer, source_names, next_offsets), default=str
+                    ).decode(),
                 )
 
     def check_contiguous(message: Any) -> None:

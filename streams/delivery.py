@@ -39,8 +39,7 @@ class DeliveryGuard:
         self._handed = 0  # ... of which handed to the Kafka client
         self._progress = asyncio.Event()
         self._before_flush: list[Callable[[], Awaitable[None]]] = []
-        # Set by install(): wait until every message produced so far is acknowledged.
-        self.settle: Callable[[], Awaitable[None]] = _not_installed
+        self._producer: Any = None  # Faust's producer, once installed
 
     @property
     def pending(self) -> int:
@@ -63,6 +62,22 @@ class DeliveryGuard:
             logging.shutdown()
             os._exit(EXIT_DELIVERY_FAILED)
 
+    async def settle(self) -> None:
+        """Wait until everything produced *before* this call is acknowledged; later sends
+        are not waited for, so a commit under sustained load is never starved (Faust's own
+        flush loops until its buffer is empty, which under load may be never). A failed
+        delivery ends the process (:meth:`_settled`)."""
+        target = self._enqueued
+        waiting = list(self._pending)
+        while self._handed < target:
+            self._progress.clear()
+            await self._progress.wait()
+        client = getattr(self._producer, "_producer", None)
+        if client is not None:
+            await client.flush()  # the Kafka client's batches, not Faust's buffer
+        if waiting:
+            await asyncio.wait(waiting)
+
     def before_flush(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run ``hook`` at the start of every producer flush, that is before every offset
         commit: the worker hands its buffered state and outputs to the producer there, so
@@ -71,7 +86,7 @@ class DeliveryGuard:
 
     def install(self, app: Any) -> None:
         """Wrap ``app.producer`` (before the app starts)."""
-        producer = app.producer
+        producer = self._producer = app.producer
         buffer = producer.buffer
         original_send_soon = producer.send_soon
         original_send_pending = buffer._send_pending
@@ -88,33 +103,12 @@ class DeliveryGuard:
                 self._handed += 1
                 self._progress.set()
 
-        async def settle() -> None:
-            """Wait until everything produced *before* this call is acknowledged; later
-            sends are not waited for, so a commit under sustained load is never starved
-            (Faust's own flush loops until its buffer is empty, which under load may be
-            never). A failed delivery ends the process (:meth:`_settled`)."""
-            target = self._enqueued
-            waiting = list(self._pending)
-            while self._handed < target:
-                self._progress.clear()
-                await self._progress.wait()
-            client = getattr(producer, "_producer", None)
-            if client is not None:
-                await client.flush()  # the Kafka client's batches, not Faust's buffer
-            if waiting:
-                await asyncio.wait(waiting)
-
         async def flush() -> None:
-            """Run the hooks, then :func:`settle`."""
+            """Run the hooks, then :meth:`settle`."""
             for hook in self._before_flush:
                 await hook()
-            await settle()
+            await self.settle()
 
-        self.settle = settle
         producer.send_soon = send_soon
         buffer._send_pending = send_pending
         producer.flush = flush
-
-
-async def _not_installed() -> None:
-    raise RuntimeError("DeliveryGuard.install(app) was not called")
